@@ -1,0 +1,709 @@
+"""Tests for piglet.py against real PostgreSQL clusters and a real server.
+
+Run as root (the README's command):  /usr/bin/python3 -m pytest -q test_piglet.py
+Each cluster is initdb'd into its own temp dir as the `postgres` OS user,
+on a free port with its own socket dir; each server listens on port 0.
+"""
+
+import contextlib
+import glob
+import http.client
+import json
+import os
+import pwd
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import psycopg
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PIGLET = os.path.join(HERE, "piglet.py")
+PG_BIN = sorted(glob.glob("/usr/lib/postgresql/*/bin"),
+                key=lambda p: int(p.split("/")[-2]))[-1]
+PG_USER = "postgres"
+IS_ROOT = os.geteuid() == 0
+API = "/api/v1"
+
+
+# ---------------------------------------------------------------------------
+# Fixtures: clusters, servers, a small client
+# ---------------------------------------------------------------------------
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_as_pg(argv, **kwargs):
+    if IS_ROOT:
+        kwargs.update(user=PG_USER, group=pwd.getpwnam(PG_USER).pw_gid, extra_groups=[])
+    return subprocess.run(argv, check=True, capture_output=True, text=True, cwd="/",
+                          timeout=120, **kwargs)
+
+
+def make_temp_dir(prefix):
+    """A temp dir the cluster's OS user can use."""
+    path = tempfile.mkdtemp(prefix=prefix)
+    if IS_ROOT:
+        os.chown(path, pwd.getpwnam(PG_USER).pw_uid, -1)
+    return path
+
+
+class Cluster:
+    """A throwaway PostgreSQL cluster: temp dir, free port, own socket dir."""
+
+    def __init__(self, settings=()):
+        self.base = make_temp_dir("piglet-pg-")
+        self.data = os.path.join(self.base, "data")
+        self.sock = self.base
+        self.logfile = os.path.join(self.base, "server.log")
+        self.port = free_port()
+        run_as_pg([f"{PG_BIN}/initdb", "-D", self.data, "-U", "postgres", "-A", "trust",
+                   "--no-sync", "-E", "UTF8", "--locale=C.UTF-8"])
+        lines = ["fsync = off", "synchronous_commit = off", "full_page_writes = off",
+                 f"port = {self.port}", f"unix_socket_directories = '{self.sock}'",
+                 "listen_addresses = '127.0.0.1'", *settings]
+        with open(os.path.join(self.data, "postgresql.auto.conf"), "a") as handle:
+            handle.write("\n".join(lines) + "\n")
+        self.start()
+
+    @property
+    def dsn(self):
+        return f"host={self.sock} port={self.port} dbname=postgres user=postgres"
+
+    def pg_ctl(self, *args):
+        return [f"{PG_BIN}/pg_ctl", *args, "-D", self.data]
+
+    def start(self):
+        run_as_pg(self.pg_ctl("start", "-w", "-l", self.logfile))
+
+    def stop(self):
+        run_as_pg(self.pg_ctl("stop", "-w", "-m", "fast"))
+
+    def connect(self, dbname="postgres", **kwargs):
+        return psycopg.connect(self.dsn, dbname=dbname, autocommit=True, **kwargs)
+
+    def service_entry(self):
+        """Explicit start/stop/status commands, as on a host without systemd."""
+        return {"start": self.pg_ctl("start", "-w", "-l", self.logfile),
+                "stop": self.pg_ctl("stop", "-w", "-m", "fast"),
+                "status": self.pg_ctl("status"), "user": PG_USER, "port": self.port}
+
+    def destroy(self):
+        with contextlib.suppress(subprocess.SubprocessError):
+            run_as_pg(self.pg_ctl("stop", "-w", "-m", "immediate"))
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+class Server:
+    """piglet.py serve on port 0, with its own config, keys and state dir."""
+
+    def __init__(self, cluster, **overrides):
+        self.dir = tempfile.mkdtemp(prefix="piglet-srv-")
+        self.config_file = os.path.join(self.dir, "piglet.json")
+        self.log_file = os.path.join(self.dir, "piglet.log")
+        config = {
+            "listen": "127.0.0.1", "port": 0,
+            "keys_file": os.path.join(self.dir, "keys.json"),
+            "state_dir": os.path.join(self.dir, "state"),
+            "rate_limit": {"per_minute": 100000, "burst": 100000},
+            "postgres": {"dsn": cluster.dsn, "service": "postgres"},
+            "backups": {"dir": os.path.join(self.dir, "backups")},
+            "snapshots": {"dir": os.path.join(self.dir, "snapshots")},
+            "services": {"postgres": cluster.service_entry()},
+        }
+        config.update(overrides)
+        self.write_config(config)
+        self.admin_key = self.cli("key", "create", "--name", "admin").strip()
+        self.read_key = self.cli("key", "create", "--name", "reader",
+                                 "--scope", "read").strip()
+        self.proc = None
+        self.start()
+
+    def write_config(self, config):
+        self.config = config
+        with open(self.config_file, "w") as handle:
+            json.dump(config, handle)
+
+    def cli(self, *args, check=True):
+        result = subprocess.run([sys.executable, PIGLET, *args, "--config", self.config_file],
+                                capture_output=True, text=True, timeout=30)
+        if check:
+            assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    def start(self, env=None):
+        self.log_handle = open(self.log_file, "a")
+        self.proc = subprocess.Popen(
+            [sys.executable, PIGLET, "serve", "--config", self.config_file],
+            stdout=self.log_handle, stderr=subprocess.STDOUT,
+            env=dict(os.environ, **(env or {})))
+        self.port = self.wait_for_port()
+
+    def wait_for_port(self):
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            found = re.findall(r"listening on 127\.0\.0\.1:(\d+)", self.log())
+            if found:
+                return int(found[-1])
+            assert self.proc.poll() is None, self.log()
+            time.sleep(0.05)
+        raise AssertionError("piglet did not start:\n" + self.log())
+
+    def log(self):
+        with open(self.log_file) as handle:
+            return handle.read()
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(timeout=20)
+        self.log_handle.close()
+
+    def destroy(self):
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def connection(self):
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+
+    def request(self, method, path, body=None, key="admin", headers=None, conn=None):
+        """(status, headers, json or None) for one request."""
+        headers = dict(headers or {})
+        if key is not None:
+            secret = {"admin": self.admin_key, "read": self.read_key}.get(key, key)
+            headers.setdefault("Authorization", f"Bearer {secret}")
+        if body is not None and not isinstance(body, (bytes, str)):
+            body = json.dumps(body)
+            headers.setdefault("Content-Type", "application/json")
+        own = conn is None
+        conn = conn or self.connection()
+        try:
+            conn.request(method, path if path.startswith("/") else f"{API}/{path}",
+                         body=body, headers=headers)
+            resp = conn.getresponse()
+            raw = resp.read()
+            data = json.loads(raw) if raw else None
+            return resp.status, resp.headers, data
+        finally:
+            if own:
+                conn.close()
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    cluster = Cluster()
+    yield cluster
+    cluster.destroy()
+
+
+@pytest.fixture(scope="session")
+def server(cluster):
+    server = Server(cluster)
+    yield server
+    server.destroy()
+
+
+@pytest.fixture
+def fresh_cluster():
+    cluster = Cluster()
+    yield cluster
+    cluster.destroy()
+
+
+@pytest.fixture
+def make_server():
+    """Servers made inside one test, destroyed after it."""
+    made = []
+
+    def make(cluster, **overrides):
+        made.append(Server(cluster, **overrides))
+        return made[-1]
+
+    yield make
+    for server in made:
+        server.destroy()
+
+
+def assert_error(status, data, want_status, want_code):
+    assert status == want_status, data
+    assert set(data) == {"error"}, data
+    assert data["error"]["code"] == want_code, data
+    assert isinstance(data["error"]["message"], str) and data["error"]["message"]
+    assert isinstance(data["error"]["details"], dict)
+
+
+def raw_exchange(port, payload, timeout=10):
+    """Send raw bytes, return everything the server sends until it closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(payload)
+        chunks = []
+        with contextlib.suppress(socket.timeout, ConnectionResetError):
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_raw(response):
+    head, _, body = response.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    return status, head.decode("latin-1"), json.loads(body) if body else None
+
+
+# ---------------------------------------------------------------------------
+# Core: status, system, HTTP behaviour
+# ---------------------------------------------------------------------------
+
+
+def test_status_real_postgres_healthy(server):
+    status, headers, data = server.request("GET", "status")
+    assert status == 200
+    assert data["status"] == "healthy"
+    assert data["services"] == {"postgres": "running"}
+    assert isinstance(data["uptime"], int) and data["uptime"] >= 0
+    assert data["version"]
+    assert headers["Content-Type"] == "application/json"
+    assert re.fullmatch(r"[0-9a-f]{16}", headers["X-Request-Id"])
+
+
+def test_head_status_same_headers_no_body_then_get_on_same_connection(server):
+    conn = server.connection()
+    auth = {"Authorization": f"Bearer {server.admin_key}"}
+    conn.request("HEAD", f"{API}/status", headers=auth)
+    head = conn.getresponse()
+    assert head.read() == b""
+    conn.request("GET", f"{API}/status", headers=auth)
+    get = conn.getresponse()
+    body = get.read()
+    assert head.status == get.status == 200
+    assert head.headers["Content-Length"] == get.headers["Content-Length"] == str(len(body))
+    assert json.loads(body)["status"] == "healthy"
+    conn.close()
+
+
+def test_system_reports_host_and_postgres(server, cluster):
+    status, _, data = server.request("GET", "system")
+    assert status == 200
+    assert data["hostname"] == socket.gethostname()
+    assert data["cpu"] == os.cpu_count()
+    assert data["kernel"] == os.uname().release
+    assert data["memory_bytes"] > 0 and data["memory"].endswith("B")
+    stat = os.statvfs(cluster.data)
+    assert data["disk_bytes"] == stat.f_blocks * stat.f_frsize
+    assert 0 < data["disk_free_bytes"] <= data["disk_bytes"]
+    with cluster.connect() as conn:
+        version = conn.execute("SHOW server_version").fetchone()[0]
+    assert data["postgres_version"] == version
+    assert data["uptime"] > 0
+
+
+def test_unknown_route_404_envelope(server):
+    status, _, data = server.request("GET", "nosuch/route")
+    assert_error(status, data, 404, "NOT_FOUND")
+    status, _, data = server.request("GET", "/elsewhere")
+    assert_error(status, data, 404, "NOT_FOUND")
+
+
+@pytest.mark.parametrize("method", ["DELETE", "POST", "BREW"])
+def test_wrong_method_405_with_allow(server, method):
+    status, headers, data = server.request(method, "status")
+    assert_error(status, data, 405, "METHOD_NOT_ALLOWED")
+    assert headers["Allow"] == "GET, HEAD"
+
+
+def test_trailing_slash_names_same_route(server):
+    status, _, data = server.request("GET", "status/")
+    assert status == 200 and data["status"] == "healthy"
+
+
+def test_request_id_echoed_and_logged(server):
+    status, headers, _ = server.request("GET", "status", headers={"X-Request-Id": "abc-123"})
+    assert status == 200 and headers["X-Request-Id"] == "abc-123"
+    _, headers, _ = server.request("GET", "status", headers={"X-Request-Id": "bad id\x7f"})
+    assert headers["X-Request-Id"] != "bad id\x7f"
+    time.sleep(0.1)
+    assert re.search(r"GET '/api/v1/status' 200 [\d.]+ms key=admin rid=abc-123", server.log())
+
+
+@pytest.mark.parametrize("body,ctype,want", [
+    (b'{"name":', "application/json", (400, "BAD_REQUEST")),
+    (b"", "application/json", (400, "BAD_REQUEST")),
+    (b"[]", "application/json", (400, "BAD_REQUEST")),
+    (b'{"name": 123}', "application/json", (400, "BAD_REQUEST")),
+    (b'"just a string"', "application/json", (400, "BAD_REQUEST")),
+    (b'{"name": "x"}', "text/plain", (415, "UNSUPPORTED_MEDIA_TYPE")),
+    (b'{"name": "x", "scope": "root"}', "application/json", (400, "BAD_REQUEST")),
+    (b'\xff\xfe', "application/json", (400, "BAD_REQUEST")),
+])
+def test_bad_bodies_get_envelope(server, body, ctype, want):
+    status, _, data = server.request("POST", "keys", body=body,
+                                     headers={"Content-Type": ctype})
+    assert_error(status, data, *want)
+
+
+def test_unknown_body_field_named(server):
+    status, _, data = server.request("POST", "keys", body={"name": "x1", "scop": "read"})
+    assert_error(status, data, 400, "BAD_REQUEST")
+    assert data["error"]["details"]["field"] == "scop"
+    status, _, data = server.request("GET", "keys")
+    assert "x1" not in [k["name"] for k in data["keys"]]
+
+
+def test_json_with_charset_accepted(server):
+    status, _, data = server.request("POST", "keys", body=b'{"name": "charset-key"}',
+                                     headers={"Content-Type": "application/json; charset=utf-8"})
+    assert status == 201 and data["name"] == "charset-key"
+
+
+def test_content_length_not_a_number_400(server):
+    response = raw_exchange(server.port, (
+        f"POST {API}/keys HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {server.admin_key}\r\n"
+        "Content-Type: application/json\r\nContent-Length: abc\r\n\r\n").encode())
+    status, _, data = parse_raw(response)
+    assert_error(status, data, 400, "BAD_REQUEST")
+
+
+def test_body_over_limit_413_without_reading_it(server):
+    size = 1024 * 1024 + 1
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall((f"POST {API}/keys HTTP/1.1\r\nHost: x\r\n"
+                      f"Authorization: Bearer {server.admin_key}\r\n"
+                      f"Content-Type: application/json\r\nContent-Length: {size}\r\n\r\n"
+                      ).encode())
+        # No body byte is sent: the answer must come anyway.
+        response = sock.recv(65536)
+    status, head, data = parse_raw(response)
+    assert_error(status, data, 413, "PAYLOAD_TOO_LARGE")
+    assert "Connection: close" in head
+
+
+@pytest.mark.parametrize("payload,want_status", [
+    (b"GARBAGE\r\n\r\n", 400),
+    (b"GET /api/v1/status HTTP/9.9\r\n\r\n", 505),
+    (b"GET /api/v1/status HTTP/1.1\r\nX-Long: " + b"a" * 70000 + b"\r\n\r\n", 431),
+    (b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n", 414),
+])
+def test_stdlib_error_replies_are_json(server, payload, want_status):
+    status, head, data = parse_raw(raw_exchange(server.port, payload))
+    assert status == want_status
+    assert "Content-Type: application/json" in head
+    assert data["error"]["code"] == "BAD_REQUEST"
+    assert data["error"]["details"]["http_status"] == want_status
+
+
+def test_bad_path_encoding_400(server):
+    status, _, data = server.request("DELETE", "keys/%ff%fe")
+    assert_error(status, data, 400, "BAD_REQUEST")
+
+
+# ---------------------------------------------------------------------------
+# Authentication and keys
+# ---------------------------------------------------------------------------
+
+
+def test_no_key_401_with_challenge(server):
+    status, headers, data = server.request("GET", "status", key=None)
+    assert_error(status, data, 401, "UNAUTHORIZED")
+    assert headers["WWW-Authenticate"] == "Bearer"
+
+
+def test_key_differing_in_last_character_401(server):
+    real = server.admin_key
+    wrong = real[:-1] + ("A" if real[-1] != "A" else "B")
+    status, headers, data = server.request("GET", "status", key=wrong)
+    assert_error(status, data, 401, "UNAUTHORIZED")
+    assert headers["WWW-Authenticate"] == "Bearer"
+
+
+@pytest.mark.parametrize("header", ["Basic abc", "Bearer", "Bearer a b", "token"])
+def test_malformed_authorization_401(server, header):
+    status, _, data = server.request("GET", "status", key=None,
+                                     headers={"Authorization": header})
+    assert_error(status, data, 401, "UNAUTHORIZED")
+
+
+def test_lowercase_bearer_scheme_accepted(server):
+    status, _, _ = server.request("GET", "status", key=None,
+                                  headers={"Authorization": f"bearer {server.admin_key}"})
+    assert status == 200
+
+
+def test_keys_file_holds_only_hashes_mode_0600(server):
+    mode = os.stat(server.config["keys_file"]).st_mode & 0o777
+    assert mode == 0o600
+    with open(server.config["keys_file"]) as handle:
+        text = handle.read()
+    assert server.admin_key not in text and server.read_key not in text
+    names = {k["name"] for k in json.loads(text)["keys"]}
+    assert {"admin", "reader"} <= names
+    leftovers = [n for n in os.listdir(server.dir) if n.startswith(".keys.json")]
+    assert leftovers == []
+
+
+def test_key_secret_has_256_bits(server):
+    secret = server.admin_key
+    assert secret.startswith("pgl_") and len(secret) >= 4 + 43
+
+
+def test_cli_key_changes_seen_by_running_daemon(server):
+    secret = server.cli("key", "create", "--name", "cli-made", "--scope", "read").strip()
+    assert server.request("GET", "status", key=secret)[0] == 200
+    listing = server.cli("key", "list")
+    assert "cli-made\tread" in listing and secret not in listing
+    server.cli("key", "revoke", "--name", "cli-made")
+    status, _, data = server.request("GET", "status", key=secret)
+    assert_error(status, data, 401, "UNAUTHORIZED")
+
+
+def test_cli_duplicate_key_name_fails_cleanly(server):
+    result = subprocess.run([sys.executable, PIGLET, "key", "create", "--name", "admin",
+                             "--config", server.config_file],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert "exists" in result.stderr and result.stdout == ""
+
+
+def test_api_key_lifecycle(server):
+    status, headers, data = server.request("POST", "keys", {"name": "ops", "scope": "admin"})
+    assert status == 201
+    assert headers["Location"] == f"{API}/keys/ops"
+    secret = data["key"]
+    assert data["name"] == "ops" and data["scope"] == "admin"
+    assert server.request("GET", "status", key=secret)[0] == 200
+    status, _, listing = server.request("GET", "keys")
+    assert status == 200
+    ops = [k for k in listing["keys"] if k["name"] == "ops"][0]
+    assert set(ops) == {"name", "scope", "created_at", "last_used_at"}
+    assert ops["last_used_at"] is not None
+    assert secret not in json.dumps(listing)
+    status, _, data = server.request("POST", "keys", {"name": "ops"})
+    assert_error(status, data, 409, "CONFLICT")
+    assert server.request("DELETE", "keys/ops")[0] == 204
+    assert server.request("GET", "status", key=secret)[0] == 401
+    status, _, data = server.request("DELETE", "keys/ops")
+    assert_error(status, data, 404, "NOT_FOUND")
+
+
+def test_read_key_cannot_mutate_or_list_keys(server):
+    assert server.request("GET", "status", key="read")[0] == 200
+    status, _, data = server.request("POST", "keys", {"name": "sneaky"}, key="read")
+    assert_error(status, data, 403, "FORBIDDEN")
+    status, _, data = server.request("GET", "keys", key="read")
+    assert_error(status, data, 403, "FORBIDDEN")
+    status, _, data = server.request("DELETE", "keys/admin", key="read")
+    assert_error(status, data, 403, "FORBIDDEN")
+
+
+def test_secrets_never_logged(server):
+    server.request("POST", "keys", {"name": "logged-check"})
+    server.request("GET", "status", key=server.admin_key[:-1] + "x")
+    time.sleep(0.1)
+    text = server.log()
+    assert server.admin_key not in text and server.read_key not in text
+    assert server.admin_key[4:20] not in text
+
+
+# ---------------------------------------------------------------------------
+# Rate limiting
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def limited_server(cluster, make_server):
+    """A server on the contract's default limits: 100/min, burst 20."""
+    return make_server(cluster, rate_limit={"per_minute": 100, "burst": 20})
+
+
+def test_burst_of_25_passes_20_then_429(limited_server):
+    conn = limited_server.connection()
+    results = [limited_server.request("GET", "status", conn=conn) for _ in range(25)]
+    statuses = [r[0] for r in results]
+    assert statuses == [200] * 20 + [429] * 5
+    remaining = [int(r[1]["X-RateLimit-Remaining"]) for r in results[:20]]
+    assert remaining == list(range(19, -1, -1))
+    assert all(r[1]["X-RateLimit-Limit"] == "100" for r in results)
+    status, headers, data = results[20]
+    assert_error(status, data, 429, "RATE_LIMITED")
+    assert int(headers["Retry-After"]) >= 1
+    assert int(headers["X-RateLimit-Reset"]) >= int(time.time())
+    # One token comes back every 0.6 s; a rejected request costs none.
+    time.sleep(0.7)
+    assert limited_server.request("GET", "status", conn=conn)[0] == 200
+    assert limited_server.request("GET", "status", conn=conn)[0] == 429
+    conn.close()
+
+
+def test_rate_limit_per_key_not_shared(limited_server):
+    for _ in range(20):
+        limited_server.request("GET", "status")
+    assert limited_server.request("GET", "status")[0] == 429
+    assert limited_server.request("GET", "status", key="read")[0] == 200
+
+
+def test_unauthenticated_limited_by_peer_ignoring_forwarded_for(limited_server):
+    statuses = [limited_server.request("GET", "status", key="pgl_guess%d" % i,
+                                       headers={"X-Forwarded-For": f"10.0.0.{i}"})[0]
+                for i in range(22)]
+    assert statuses == [401] * 20 + [429] * 2
+
+
+def test_sighup_reloads_rate_limit(limited_server):
+    config = dict(limited_server.config, rate_limit={"per_minute": 600, "burst": 5})
+    limited_server.write_config(config)
+    limited_server.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        headers = limited_server.request("GET", "status")[1]
+        if headers["X-RateLimit-Limit"] == "600":
+            break
+        time.sleep(0.1)
+    assert headers["X-RateLimit-Limit"] == "600"
+    assert "reloaded" in limited_server.log()
+
+
+# ---------------------------------------------------------------------------
+# Robustness: idle and slow clients, PostgreSQL down, lifecycle
+# ---------------------------------------------------------------------------
+
+
+def test_200_idle_connections_do_not_block_a_request(server):
+    idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(200)]
+    try:
+        started = time.monotonic()
+        status, _, data = server.request("GET", "status")
+        elapsed = time.monotonic() - started
+        assert status == 200 and data["status"] == "healthy"
+        assert elapsed < 5, f"request took {elapsed:.1f}s behind idle connections"
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+def test_slow_header_trickle_is_cut_off(server):
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(b"GET /api/v1/status HTTP/1.1\r\n")
+        started = time.monotonic()
+        closed = False
+        while time.monotonic() - started < 25:
+            try:
+                sock.sendall(b"X: y\r\n")
+            except OSError:
+                closed = True
+                break
+            sock.settimeout(1)
+            try:
+                if sock.recv(65536) == b"":
+                    closed = True
+                    break
+            except socket.timeout:
+                pass
+            except OSError:
+                closed = True
+                break
+    assert closed, "a client trickling headers kept its connection"
+
+
+def test_postgres_down_unhealthy_then_recovers(fresh_cluster, make_server):
+    server = make_server(fresh_cluster)
+    assert server.request("GET", "status")[2]["status"] == "healthy"
+    fresh_cluster.stop()
+    time.sleep(1.1)  # the health probe is cached for one second
+    status, _, data = server.request("GET", "status")
+    assert status == 200
+    assert data["status"] == "unhealthy"
+    assert data["services"]["postgres"] == "stopped"
+    assert server.request("GET", "system")[2]["postgres_version"] is None
+    fresh_cluster.start()
+    time.sleep(1.1)
+    assert server.request("GET", "status")[2]["status"] == "healthy"
+
+
+def test_sigterm_exits_zero(cluster, make_server):
+    server = make_server(cluster)
+    conn = server.connection()
+    assert server.request("GET", "status", conn=conn)[0] == 200
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(timeout=15) == 0
+    assert "stopped" in server.log()
+    conn.close()
+
+
+def test_notify_socket_gets_ready(cluster, make_server, tmp_path):
+    path = str(tmp_path / "notify.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(path)
+        sock.settimeout(15)
+        server = make_server(cluster)
+        server.stop()
+        server.start(env={"NOTIFY_SOCKET": path})
+        assert sock.recv(1024) == b"READY=1"
+
+
+# ---------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------
+
+
+def run_serve(config, tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(config))
+    return subprocess.run([sys.executable, PIGLET, "serve", "--config", str(path)],
+                          capture_output=True, text=True, timeout=30)
+
+
+@pytest.mark.parametrize("config,named", [
+    ({"prot": 8080}, "prot"),
+    ({"port": "8080"}, "port"),
+    ({"port": True}, "port"),
+    ({"rate_limit": {"burst": 20, "per_minut": 5}}, "rate_limit.per_minut"),
+    ({"postgres": {"dsn": 5}}, "postgres.dsn"),
+    ({"services": {"pg": {"unit": "x", "prot": 1}}}, "services.pg.prot"),
+    ({"snapshots": {"paths": [1]}}, "snapshots.paths"),
+])
+def test_bad_config_stops_startup_naming_field(tmp_path, config, named):
+    result = run_serve(config, tmp_path)
+    assert result.returncode == 2
+    assert repr(named) in result.stderr
+
+
+def test_missing_explicit_config_file_fails(tmp_path):
+    result = subprocess.run([sys.executable, PIGLET, "serve", "--config",
+                             str(tmp_path / "none.json")], capture_output=True, text=True,
+                            timeout=30)
+    assert result.returncode == 2 and "does not exist" in result.stderr
+
+
+# ---------------------------------------------------------------------------
+# Unit checks of small helpers (imported, no server)
+# ---------------------------------------------------------------------------
+
+sys.path.insert(0, HERE)
+import piglet  # noqa: E402
+
+
+@pytest.mark.parametrize("size,text", [
+    (0, "0B"), (512, "512B"), (1024, "1KB"), (1536, "1.5KB"), (10 * 1024, "10KB"),
+    (50 * 1024 ** 2, "50MB"), (int(1.2 * 1024 ** 3), "1.2GB"),
+    (int(9.96 * 1024 ** 2), "10MB"), (1023 * 1024, "1023KB"), (1024 ** 2 - 1, "1MB"),
+])
+def test_human_size(size, text):
+    assert piglet.human_size(size) == text
+
+
+def test_rate_limiter_bounds():
+    limiter = piglet.RateLimiter(per_minute=60, burst=3)
+    results = [limiter.take("k")[0] for _ in range(5)]
+    assert results == [True, True, True, False, False]
+    tokens = limiter._buckets["k"][0]
+    assert 0 <= tokens < 1
+    time.sleep(1.05)
+    assert limiter.take("k")[0] is True
