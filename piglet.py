@@ -971,6 +971,103 @@ class JobManager:
 
 
 # ---------------------------------------------------------------------------
+# Requests and replies: the types every handler uses
+# ---------------------------------------------------------------------------
+
+
+class Field:
+    """One JSON body field: its JSON type and whether it must be there."""
+
+    PY_TYPES = {"string": str, "integer": int, "boolean": bool, "array": list,
+                "object": dict}
+
+    def __init__(self, kind, required=False, items=None, nullable=False, enum=None):
+        self.kind, self.required, self.items = kind, required, items
+        self.nullable, self.enum = nullable, enum
+
+    def accepts(self, value):
+        if value is None:
+            return self.nullable
+        if self.kind == "integer" and isinstance(value, bool):
+            return False
+        if not isinstance(value, self.PY_TYPES[self.kind]):
+            return False
+        if self.enum is not None and value not in self.enum:
+            return False
+        if self.items is not None:
+            return all(isinstance(v, self.PY_TYPES[self.items]) for v in value)
+        return True
+
+
+class Route:
+    def __init__(self, method, pattern, handler, scope="read", body=None,
+                 body_required=True):
+        self.method, self.pattern, self.handler = method, pattern, handler
+        self.scope = scope           # None: no key needed; "read": any key; "admin"
+        self.body = body             # {field: Field} or None for no body
+        self.body_required = body_required and bool(body)
+        self.segments = pattern.strip("/").split("/")
+
+    def match(self, segments):
+        if len(segments) != len(self.segments):
+            return None
+        params = {}
+        for want, got in zip(self.segments, segments):
+            if want.startswith("{"):
+                params[want[1:-1]] = got
+            elif want != got:
+                return None
+        return params
+
+
+class Reply:
+    def __init__(self, status=HTTPStatus.OK, body=None, headers=None):
+        self.status, self.body, self.headers = status, body, headers or {}
+
+
+class Request:
+    """What a handler sees: path params, query, parsed body and the caller."""
+
+    def __init__(self, method, params, query, body, key, request_id, client):
+        self.method, self.params, self.query, self.body = method, params, query, body
+        self.key, self.request_id, self.client = key, request_id, client
+
+
+def job_accepted(job):
+    """The 202 reply every job-starting route gives."""
+    return Reply(HTTPStatus.ACCEPTED, {"job": job.snapshot()},
+                 {"Location": f"{API_PREFIX}/jobs/{job.id}"})
+
+
+# ---------------------------------------------------------------------------
+# Databases and users
+# ---------------------------------------------------------------------------
+
+DATABASE_ROUTES = []
+
+
+# ---------------------------------------------------------------------------
+# Backups and restores
+# ---------------------------------------------------------------------------
+
+BACKUP_ROUTES = []
+
+
+# ---------------------------------------------------------------------------
+# Snapshots: workspace files and databases together
+# ---------------------------------------------------------------------------
+
+SNAPSHOT_ROUTES = []
+
+
+# ---------------------------------------------------------------------------
+# Meta: OpenAPI document, metrics, audit
+# ---------------------------------------------------------------------------
+
+META_ROUTES = []
+
+
+# ---------------------------------------------------------------------------
 # The application: everything a handler needs, built from one config
 # ---------------------------------------------------------------------------
 
@@ -1008,7 +1105,7 @@ class App:
 
 
 # ---------------------------------------------------------------------------
-# Handlers: system, keys, jobs
+# Handlers: system, keys, jobs, services
 # ---------------------------------------------------------------------------
 
 
@@ -1105,66 +1202,44 @@ def get_job(app, req):
     return {"job": app.jobs.get(req.params["id"])}
 
 
-def job_accepted(job):
-    """The 202 reply every job-starting route gives."""
-    return Reply(HTTPStatus.ACCEPTED, {"job": job.snapshot()},
-                 {"Location": f"{API_PREFIX}/jobs/{job.id}"})
+def list_services(app, req):
+    return {"services": [public_service(s) for s in app.services.all().values()]}
 
 
-# ---------------------------------------------------------------------------
-# Routing: one table drives dispatch
-# ---------------------------------------------------------------------------
+def get_service(app, req):
+    """200; 404 for a name not in the config (systemctl is never asked)."""
+    return public_service(app.services.get(req.params["name"]))
 
 
-class Field:
-    """One JSON body field: its JSON type and whether it must be there."""
-
-    PY_TYPES = {"string": str, "integer": int, "boolean": bool, "array": list,
-                "object": dict}
-
-    def __init__(self, kind, required=False, items=None, nullable=False, enum=None):
-        self.kind, self.required, self.items = kind, required, items
-        self.nullable, self.enum = nullable, enum
-
-    def accepts(self, value):
-        if value is None:
-            return self.nullable
-        if self.kind == "integer" and isinstance(value, bool):
-            return False
-        if not isinstance(value, self.PY_TYPES[self.kind]):
-            return False
-        if self.enum is not None and value not in self.enum:
-            return False
-        if self.items is not None:
-            return all(isinstance(v, self.PY_TYPES[self.items]) for v in value)
-        return True
+def act_service(app, req):
+    """200 once settled; 400 unknown action; 404 unknown service;
+    409 stopping PostgreSQL while a cluster job runs; 503 no systemd."""
+    name, action = req.params["name"], req.params["action"]
+    app.services.entry(name)
+    if action not in SERVICE_ACTIONS:
+        raise BadRequest(f"Unknown action {action!r}", {"allowed": list(SERVICE_ACTIONS)})
+    running = app.jobs.running_exclusive()
+    if name == app.config["postgres"]["service"] and action != "start" and running:
+        raise Conflict(f"Job {running.id} needs PostgreSQL; wait for it to finish",
+                       {"job": running.id})
+    service = app.services.act(name, action)
+    if name == app.config["postgres"]["service"]:
+        app.db.health.invalidate()  # the next /status must not trust the old probe
+    return public_service(service)
 
 
-class Route:
-    def __init__(self, method, pattern, handler, scope="read", body=None,
-                 body_required=True):
-        self.method, self.pattern, self.handler = method, pattern, handler
-        self.scope = scope           # None: no key needed; "read": any key; "admin"
-        self.body = body             # {field: Field} or None for no body
-        self.body_required = body_required and bool(body)
-        self.segments = pattern.strip("/").split("/")
+def public_service(service):
+    """The contract's fields, plus systemd's own states for units."""
+    return {k: v for k, v in service.items() if v is not None or k in PUBLIC_SERVICE_FIELDS}
 
-    def match(self, segments):
-        if len(segments) != len(self.segments):
-            return None
-        params = {}
-        for want, got in zip(self.segments, segments):
-            if want.startswith("{"):
-                params[want[1:-1]] = got
-            elif want != got:
-                return None
-        return params
+
+PUBLIC_SERVICE_FIELDS = ("name", "status", "port", "unit", "enabled", "pid", "since")
 
 
 KEY_BODY = {"name": Field("string", required=True),
             "scope": Field("string", enum=list(SCOPES))}
 
-ROUTES = [
+CORE_ROUTES = [
     Route("GET", "/status", get_status),
     Route("GET", "/system", get_system),
     Route("GET", "/keys", list_keys, "admin"),
@@ -1173,6 +1248,22 @@ ROUTES = [
     Route("GET", "/jobs", list_jobs),
     Route("GET", "/jobs/{id}", get_job),
 ]
+
+SERVICE_ROUTES = [
+    Route("GET", "/services", list_services),
+    Route("GET", "/services/{name}", get_service),
+    Route("POST", "/services/{name}/{action}", act_service, "admin", {},
+          body_required=False),
+]
+
+
+# ---------------------------------------------------------------------------
+# Routing: one table drives dispatch
+# ---------------------------------------------------------------------------
+
+
+ROUTES = (CORE_ROUTES + SERVICE_ROUTES + DATABASE_ROUTES + BACKUP_ROUTES
+          + SNAPSHOT_ROUTES + META_ROUTES)
 
 
 def split_path(path):
@@ -1248,19 +1339,6 @@ def authorize(route, key):
     if route.scope == "admin" or route.method != "GET":
         raise Forbidden("This key's scope does not allow this request",
                         {"scope": key["scope"]})
-
-
-class Reply:
-    def __init__(self, status=HTTPStatus.OK, body=None, headers=None):
-        self.status, self.body, self.headers = status, body, headers or {}
-
-
-class Request:
-    """What a handler sees: path params, query, parsed body and the caller."""
-
-    def __init__(self, method, params, query, body, key, request_id, client):
-        self.method, self.params, self.query, self.body = method, params, query, body
-        self.key, self.request_id, self.client = key, request_id, client
 
 
 class Deadlines:

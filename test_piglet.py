@@ -707,3 +707,46 @@ def test_rate_limiter_bounds():
     assert 0 <= tokens < 1
     time.sleep(1.05)
     assert limiter.take("k")[0] is True
+
+
+# ---------------------------------------------------------------------------
+# Services (explicit commands: the path used where systemd is absent)
+# ---------------------------------------------------------------------------
+
+
+def test_services_list_and_get(server, cluster):
+    status, _, data = server.request("GET", "services")
+    assert status == 200
+    assert data["services"] == [{"name": "postgres", "status": "running",
+                                 "port": cluster.port, "unit": None, "enabled": None,
+                                 "pid": None, "since": None}]
+    status, _, data = server.request("GET", "services/postgres")
+    assert status == 200 and data["status"] == "running"
+
+
+def test_unknown_service_404_and_bad_action_400(server):
+    for method, path in (("GET", "services/nosuch"), ("POST", "services/nosuch/restart")):
+        status, _, data = server.request(method, path)
+        assert_error(status, data, 404, "NOT_FOUND")
+        assert data["error"]["details"]["service"] == "nosuch"
+    status, _, data = server.request("POST", "services/postgres/reboot")
+    assert_error(status, data, 400, "BAD_REQUEST")
+    assert data["error"]["details"]["allowed"] == ["start", "stop", "restart"]
+    status, headers, data = server.request("GET", "services/postgres/restart")
+    assert_error(status, data, 405, "METHOD_NOT_ALLOWED")
+    assert headers["Allow"] == "POST"
+
+
+def test_service_stop_start_through_commands(fresh_cluster, make_server):
+    server = make_server(fresh_cluster)
+    status, _, data = server.request("POST", "services/postgres/stop")
+    assert status == 200 and data["status"] == "stopped"
+    with pytest.raises(psycopg.OperationalError):
+        fresh_cluster.connect(connect_timeout=2)
+    assert server.request("GET", "status")[2]["status"] == "unhealthy"
+    status, _, data = server.request("POST", "services/postgres/start", body={})
+    assert status == 200 and data["status"] == "running"
+    with fresh_cluster.connect() as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    status, _, data = server.request("POST", "services/postgres/restart")
+    assert status == 200 and data["status"] == "running"
