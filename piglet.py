@@ -34,11 +34,13 @@ import email.utils
 import fcntl
 import hashlib
 import hmac
+import http.client
 import http.server
 import json
 import logging
 import math
 import os
+import pwd
 import re
 import secrets
 import signal
@@ -67,12 +69,16 @@ HEADER_DEADLINE_SECONDS = 10   # request line + headers must arrive within this
 BODY_DEADLINE_SECONDS = 30     # the body must arrive within this
 WORK_SLOT_WAIT_SECONDS = 10    # a request waits this long for a free worker slot
 SHUTDOWN_GRACE_SECONDS = 10    # SIGTERM waits this long for in-flight requests
+MAX_LINE_BYTES = 65536         # longest request line or header line
+MAX_HEADER_BYTES = 65536       # all header lines of one request together
 LISTEN_BACKLOG = 128           # the stdlib's 5 causes SYN retransmits under load
 POOL_WAIT_SECONDS = 5          # waiting for a pooled PostgreSQL connection
 HEALTH_CACHE_SECONDS = 1.0     # /status reuses a PostgreSQL probe this long
+HEALTH_CONNECT_TIMEOUT = 2     # the probe's own connection attempt
 SERVICE_CACHE_SECONDS = 2.0    # and a service state reading this long
 SERVICE_ACTION_TIMEOUT = 120   # start/stop/restart of one unit
-SUBPROCESS_TIMEOUT = 30        # short helper commands (systemctl show, status)
+SUBPROCESS_TIMEOUT = 30        # short helper commands (systemctl show)
+STATUS_COMMAND_TIMEOUT = 5     # a service's own status command
 KEY_FLUSH_SECONDS = 60         # last_used_at is written back this often
 LOG_TAIL_LINES = 40            # lines of tool output kept in a job
 
@@ -228,23 +234,36 @@ def redact_dsn(dsn):
 
 
 class TtlCache:
-    """One value recomputed at most every `ttl` seconds, one caller at a time."""
+    """One value recomputed at most every `ttl` seconds, by one caller at a time.
+
+    While one caller recomputes a stale value, the others get the stale one
+    instead of queueing behind it: a slow probe must not stall every reader.
+    Only when there is no value at all do callers wait for it.
+    """
+
+    _EMPTY = object()
 
     def __init__(self, ttl, compute):
         self.ttl, self.compute = ttl, compute
-        self._lock = threading.Lock()
-        self._value, self._stamp = None, -math.inf
+        self._refresh = threading.Lock()
+        self._value, self._stamp = self._EMPTY, -math.inf
 
     def get(self):
-        with self._lock:
-            if time.monotonic() - self._stamp >= self.ttl:
-                self._value = self.compute()
-                self._stamp = time.monotonic()
+        if time.monotonic() - self._stamp < self.ttl:
             return self._value
+        if self._refresh.acquire(blocking=self._value is self._EMPTY):
+            try:
+                if time.monotonic() - self._stamp >= self.ttl:
+                    value = self.compute()
+                    self._value, self._stamp = value, time.monotonic()
+            finally:
+                self._refresh.release()
+        return self._value
 
     def invalidate(self):
-        with self._lock:
-            self._stamp = -math.inf
+        """Forget the value: the next reader waits for a fresh one."""
+        with self._refresh:
+            self._value, self._stamp = self._EMPTY, -math.inf
 
 
 def run_command(argv, user=None, timeout=SUBPROCESS_TIMEOUT, env=None):
@@ -261,12 +280,10 @@ def run_command(argv, user=None, timeout=SUBPROCESS_TIMEOUT, env=None):
 
 
 def current_user():
-    import pwd
     return pwd.getpwuid(os.geteuid()).pw_name
 
 
 def primary_group(user):
-    import pwd
     return pwd.getpwnam(user).pw_gid
 
 
@@ -360,12 +377,25 @@ def check_services(services):
             if key not in SERVICE_FIELDS:
                 raise ConfigError(f"unknown config field {field + '.' + key!r}")
             check_type(f"{field}.{key}", value, SERVICE_FIELDS[key])
+            if isinstance(value, list) and not (
+                    value and all(isinstance(v, str) and v for v in value)):
+                raise ConfigError(f"config field {field + '.' + key!r} must be a "
+                                  "non-empty list of non-empty strings")
+        if "user" in entry:
+            check_os_user(f"{field}.user", entry["user"])
         if ("unit" in entry) == ("status" in entry):
             raise ConfigError(f"config field {field!r} needs either 'unit' or "
                               "'start', 'stop' and 'status'")
         if "status" in entry and not ("start" in entry and "stop" in entry):
             raise ConfigError(f"config field {field!r} needs 'start' and 'stop' too")
     return services
+
+
+def check_os_user(field, user):
+    try:
+        pwd.getpwnam(user)
+    except KeyError:
+        raise ConfigError(f"config field {field!r}: no OS user {user!r}") from None
 
 
 def check_config_values(config):
@@ -377,6 +407,11 @@ def check_config_values(config):
         value = config[section][name] if section else config[name]
         if value < 1:
             raise ConfigError(f"config field {field!r} must be at least 1")
+    if config["postgres"]["connect_timeout"] < 1:
+        raise ConfigError("config field 'postgres.connect_timeout' must be at least 1 "
+                          "(libpq waits forever on 0)")
+    if config["postgres"]["statement_timeout_ms"] < 0:
+        raise ConfigError("config field 'postgres.statement_timeout_ms' must not be negative")
     if config["log_level"] not in LOG_LEVELS:
         raise ConfigError(f"config field 'log_level' must be one of {', '.join(LOG_LEVELS)}")
     if bool(config["tls"]["cert"]) != bool(config["tls"]["key"]):
@@ -395,8 +430,11 @@ def load_config(path):
         if path != DEFAULT_CONFIG_PATH:
             raise ConfigError(f"config file {path} does not exist") from None
         given = {}
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:
+        # ValueError covers bad JSON, bad UTF-8 and Python's limit on digits.
         raise ConfigError(f"config file {path} is not valid JSON: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc}") from None
     config = merge_config(DEFAULT_CONFIG, given)
     check_config_values(config)
     return config
@@ -435,12 +473,26 @@ class KeyStore:
 
     # -- reading -------------------------------------------------------------
     def _read_file(self):
+        """The key records; ConfigError when the file is not a keys file."""
         try:
             with open(self.path, encoding="utf-8") as handle:
                 data = json.load(handle)
         except FileNotFoundError:
             return []
-        return data.get("keys", [])
+        except (ValueError, RecursionError) as exc:
+            raise ConfigError(f"keys file {self.path} is not valid JSON: {exc}") from None
+        keys = data.get("keys") if isinstance(data, dict) else None
+        fields = ("name", "scope", "hash", "created_at")
+        if not isinstance(keys, list) or not all(
+                isinstance(k, dict) and all(isinstance(k.get(f), str) for f in fields)
+                for k in keys):
+            raise ConfigError(f"keys file {self.path} is malformed: expected "
+                              '{"keys": [{"name", "scope", "hash", "created_at"}, ...]}')
+        return keys
+
+    def check(self):
+        """Raise ConfigError when the keys file exists but is not usable."""
+        self._read_file()
 
     def _refresh(self):
         try:
@@ -448,9 +500,14 @@ class KeyStore:
             signature = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
         except FileNotFoundError:
             signature = None
-        if signature != self._signature:
+        if signature == self._signature:
+            return
+        self._signature = signature
+        try:
             self._keys = self._read_file()
-            self._signature = signature
+        except (ConfigError, OSError) as exc:
+            # Keep serving with the last good keys rather than failing every request.
+            log.error("%s; keeping the %d keys read before", exc, len(self._keys))
 
     def authenticate(self, secret):
         """The key record whose secret this is, or None; constant-time per key."""
@@ -575,7 +632,7 @@ class RateLimiter:
 
 
 def postgres_unavailable(exc):
-    return Unavailable(f"PostgreSQL is unreachable: {first_line(exc)}", "postgres")
+    return Unavailable(f"PostgreSQL did not answer: {first_line(exc)}", "postgres")
 
 
 def first_line(exc):
@@ -599,6 +656,7 @@ class Database:
         self._idle = []
         self._open = 0
         self._cond = threading.Condition()
+        self._probe_conn = None
         self.health = TtlCache(HEALTH_CACHE_SECONDS, self._probe)
 
     def connect(self, dbname=None, timeout=None):
@@ -645,10 +703,20 @@ class Database:
         try:
             yield conn
         except psycopg.OperationalError as exc:
-            conn.close()
+            if conn.broken or conn.closed:
+                # The server went away (a restart?): the idle sessions are stale too.
+                self._drop_idle()
             raise postgres_unavailable(exc) from None
         finally:
             self._release(conn)
+
+    def _drop_idle(self):
+        with self._cond:
+            idle, self._idle = self._idle, []
+            self._open -= len(idle)
+            self._cond.notify_all()
+        for conn in idle:
+            conn.close()
 
     def query(self, statement, params=None):
         """All rows of one statement as dicts."""
@@ -658,18 +726,26 @@ class Database:
                 return cur.fetchall() if cur.description else []
 
     def _probe(self):
-        try:
-            return self.query("SELECT current_setting('server_version') AS version, "
-                              "current_setting('data_directory') AS data_dir")[0]
-        except (ApiError, psycopg.Error):
-            return None
+        """Ask PostgreSQL itself, on a session of the probe's own, so a pool
+        full of busy sessions does not read as PostgreSQL being down."""
+        for _ in range(2):  # a session from before a server restart fails once
+            try:
+                if self._probe_conn is None or self._probe_conn.closed:
+                    self._probe_conn = self.connect(timeout=HEALTH_CONNECT_TIMEOUT)
+                version, data_dir = self._probe_conn.execute(
+                    "SELECT current_setting('server_version'), "
+                    "current_setting('data_directory')").fetchone()
+                return {"version": version, "data_dir": data_dir}
+            except (ApiError, psycopg.Error):
+                if self._probe_conn is not None:
+                    self._probe_conn.close()
+                self._probe_conn = None
+        return None
 
     def close(self):
-        with self._cond:
-            idle, self._idle = self._idle, []
-            self._open -= len(idle)
-        for conn in idle:
-            conn.close()
+        self._drop_idle()
+        if self._probe_conn is not None:
+            self._probe_conn.close()
 
 
 # ---------------------------------------------------------------------------
@@ -740,9 +816,11 @@ def systemd_service_object(name, entry, props):
 def command_service_object(name, entry):
     """A service defined by start/stop/status argument lists (no systemd)."""
     try:
-        code = run_command(entry["status"], user=entry.get("user")).returncode
+        code = run_command(entry["status"], user=entry.get("user"),
+                           timeout=STATUS_COMMAND_TIMEOUT).returncode
         status = {0: "running", 3: "stopped", 4: "unknown"}.get(code, "failed")
-    except (OSError, subprocess.SubprocessError):
+    except (OSError, subprocess.SubprocessError, KeyError) as exc:
+        log.warning("status command of service %s failed: %s", name, exc)
         status = "unknown"
     return {"name": name, "status": status, "port": entry.get("port"), "unit": None,
             "enabled": None, "pid": None, "since": None}
@@ -751,10 +829,12 @@ def command_service_object(name, entry):
 class Services:
     """The services named in the config, and nothing else."""
 
+    # One action at a time on this host, across reloads that replace the object.
+    _action_lock = threading.Lock()
+
     def __init__(self, entries):
         self.entries = entries
         self._cache = TtlCache(SERVICE_CACHE_SECONDS, self._read_all)
-        self._action_lock = threading.Lock()
 
     def entry(self, name):
         if name not in self.entries:
@@ -766,9 +846,15 @@ class Services:
         found = {}
         if units:
             found.update(self._read_systemd(units))
-        for name, entry in self.entries.items():
-            if "unit" not in entry:
-                found[name] = command_service_object(name, entry)
+        # Status commands run side by side, so one slow command costs its own
+        # timeout once, not once per service.
+        threads = [threading.Thread(target=lambda n=n, e=e: found.update(
+                       {n: command_service_object(n, e)}), daemon=True)
+                   for n, e in self.entries.items() if "unit" not in e]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
         return found
 
     def _read_systemd(self, units):
@@ -801,12 +887,19 @@ class Services:
     def act(self, name, action):
         """Run start/stop/restart and return the settled service object."""
         entry = self.entry(name)
-        with self._action_lock:
+        # A second action meanwhile is refused rather than queued: queued
+        # actions of up to SERVICE_ACTION_TIMEOUT each would hold every worker.
+        if not self._action_lock.acquire(blocking=False):
+            raise Conflict("Another service action is running; retry when it ends",
+                           {"service": name})
+        try:
             if "unit" in entry:
                 self._act_systemd(entry["unit"], action)
             else:
                 self._act_command(name, entry, action)
+        finally:
             self._cache.invalidate()
+            self._action_lock.release()
         log.info("service %s: %s done", name, action)
         return self.get(name)
 
@@ -885,9 +978,13 @@ class JobManager:
         for name in sorted(os.listdir(self.dir)):
             if not name.endswith(".json"):
                 continue
-            with open(os.path.join(self.dir, name), encoding="utf-8") as handle:
-                data = json.load(handle)
-            job = Job(self, data["id"], data["kind"], data["request"])
+            try:
+                with open(os.path.join(self.dir, name), encoding="utf-8") as handle:
+                    data = json.load(handle)
+                job = Job(self, data["id"], data["kind"], data["request"])
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                log.error("ignoring unreadable job file %s: %s", name, exc)
+                continue
             job.data.update(data)
             self.jobs[job.id] = job
             if data["state"] in ("queued", "running"):
@@ -1092,10 +1189,16 @@ class App:
             if config[fixed] != self.config[fixed]:
                 log.warning("reload: %s changed; it takes effect at the next restart", fixed)
                 config[fixed] = self.config[fixed]
+        # Replace only what changed: a new limiter refills every bucket, a new
+        # key store forgets unsaved last-used times.
         rate = config["rate_limit"]
-        self.limiter = RateLimiter(rate["per_minute"], rate["burst"])
-        self.keys = KeyStore(config["keys_file"])
-        self.services = Services(config["services"])
+        if rate != self.config["rate_limit"]:
+            self.limiter = RateLimiter(rate["per_minute"], rate["burst"])
+        if config["keys_file"] != self.config["keys_file"]:
+            self.keys.flush_last_used(force=True)
+            self.keys = KeyStore(config["keys_file"])
+        if config["services"] != self.config["services"]:
+            self.services = Services(config["services"])
         self.config = config
         logging.getLogger().setLevel(config["log_level"])
 
@@ -1109,7 +1212,7 @@ class App:
 # ---------------------------------------------------------------------------
 
 
-def service_statuses(app):
+def service_statuses(app, pg_up):
     """name -> status, with PostgreSQL judged by a real connection.
 
     Debian's postgresql.service reads "active (exited)" while its cluster is
@@ -1118,7 +1221,7 @@ def service_statuses(app):
     statuses = {name: s["status"] for name, s in app.services.all().items()}
     pg_name = app.config["postgres"]["service"]
     if pg_name in statuses:
-        if app.postgres_info() is not None:
+        if pg_up:
             statuses[pg_name] = "running"
         elif statuses[pg_name] in ("running", "unknown"):
             statuses[pg_name] = "stopped"
@@ -1127,8 +1230,9 @@ def service_statuses(app):
 
 def get_status(app, req):
     """200 always: healthy, degraded (a service down) or unhealthy (PostgreSQL down)."""
-    statuses = service_statuses(app)
-    if app.postgres_info() is None:
+    pg_up = app.postgres_info() is not None
+    statuses = service_statuses(app, pg_up)
+    if not pg_up:
         status = "unhealthy"
     elif all(s == "running" for s in statuses.values()):
         status = "healthy"
@@ -1341,6 +1445,23 @@ def authorize(route, key):
                         {"scope": key["scope"]})
 
 
+class HeaderBudget:
+    """A reader whose readline() fails once `budget` bytes have been read."""
+
+    def __init__(self, stream, budget):
+        self.stream, self.budget = stream, budget
+
+    def readline(self, limit=-1):
+        line = self.stream.readline(limit)
+        self.budget -= len(line)
+        if self.budget < 0:
+            raise http.client.LineTooLong("header block")
+        return line
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
 class Deadlines:
     """Shuts down sockets that overrun an absolute deadline.
 
@@ -1390,22 +1511,20 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
     def handle_one_request(self):
         sock = self.connection
         deadlines = self.server.deadlines
+        # The whole request line must come within the idle time: a per-recv
+        # timeout alone would let a byte every few seconds hold the connection.
+        deadlines.arm(sock, KEEPALIVE_IDLE_SECONDS)
         sock.settimeout(KEEPALIVE_IDLE_SECONDS)
         try:
-            self.raw_requestline = self.rfile.readline(65537)
-        except (TimeoutError, OSError):
-            self.close_connection = True
-            return
-        if not self.raw_requestline:
-            self.close_connection = True
-            return
-        self._reset_request_state()
-        deadlines.arm(sock, HEADER_DEADLINE_SECONDS)
-        sock.settimeout(HEADER_DEADLINE_SECONDS)
-        try:
-            if len(self.raw_requestline) > 65536:
+            self.raw_requestline = self.read_request_line()
+            if not self.raw_requestline:
+                self.close_connection = True
+                return
+            self._reset_request_state()
+            deadlines.arm(sock, HEADER_DEADLINE_SECONDS)
+            if len(self.raw_requestline) > MAX_LINE_BYTES:
                 self.send_error(HTTPStatus.REQUEST_URI_TOO_LONG)
-            elif self.parse_request():
+            elif self.parse_request_bounded():
                 deadlines.disarm(sock)
                 getattr(self, "do_" + self.command)()
             self.wfile.flush()
@@ -1415,11 +1534,49 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         finally:
             deadlines.disarm(sock)
 
+    def read_request_line(self):
+        line = self.rfile.readline(MAX_LINE_BYTES + 1)
+        if line in (b"\r\n", b"\n"):
+            # RFC 9112 section 2.2: ignore an empty line before the request line.
+            line = self.rfile.readline(MAX_LINE_BYTES + 1)
+        return line
+
+    def parse_request_bounded(self):
+        """The stdlib's parse_request, with all header lines capped together.
+
+        Alone it allows 100 lines of 64 KiB each: 6.4 MB held per connection.
+        """
+        real = self.rfile
+        self.rfile = HeaderBudget(real, MAX_HEADER_BYTES)
+        try:
+            return self.parse_request()
+        finally:
+            self.rfile = real
+
+    def parse_request(self):
+        if not super().parse_request():
+            return False
+        if not self.path.isascii() or not self.path.isprintable():
+            self.send_error(HTTPStatus.BAD_REQUEST,
+                            "The request target must be printable ASCII (percent-encode)")
+            return False
+        if self.path.startswith(("http://", "https://")):
+            # Absolute form (RFC 9112 section 3.2.2): keep only the path.
+            self.path = "/" + self.path.split("/", 3)[3] if self.path.count("/") >= 3 else "/"
+        return True
+
+    def handle_expect_100(self):
+        # Answer "100 Continue" only once the body is known to be wanted (key,
+        # scope and size checked), not before as the stdlib does.
+        self.expect_continue = True
+        return True
+
     def _reset_request_state(self):
         self.started = time.monotonic()
         self.request_id = secrets.token_hex(8)
         self.key_name = "-"
         self.body_pending = False
+        self.expect_continue = False
         self.extra_headers = {}
 
     def read_body(self, route):
@@ -1436,21 +1593,25 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         raw = self.read_exactly(length)
         try:
             body = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise BadRequest(f"Malformed JSON: {exc}") from None
+        except (ValueError, RecursionError) as exc:
+            # ValueError: bad UTF-8, bad JSON, or over Python's 4300-digit limit.
+            raise BadRequest(f"Malformed JSON: {first_line(exc)[:200]}") from None
         check_body(route, body)
         return body
 
     def body_length(self):
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+        if self.headers.get_all("Transfer-Encoding"):
             self.close_connection = True
-            raise BadRequest("Chunked bodies are not supported; send Content-Length")
-        value = self.headers.get("Content-Length")
-        if value is None:
+            raise BadRequest("Transfer-Encoding is not supported; send Content-Length")
+        values = self.headers.get_all("Content-Length") or []
+        if not values:
             return 0
-        if not value.strip().isdigit():
+        value = values[0].strip()
+        # One plain decimal number only (RFC 9112 section 6.3): anything else
+        # leaves the end of the body unknown, so the connection is closed too.
+        if len(values) > 1 or not (value.isascii() and value.isdigit()):
             self.close_connection = True
-            raise BadRequest("Content-Length must be a non-negative integer")
+            raise BadRequest("Content-Length must be one non-negative integer")
         length = int(value)
         if length > self.server.app.config["max_body_bytes"]:
             self.close_connection = True  # the body is never read, so the stream is lost
@@ -1466,6 +1627,9 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
                                        {"content_type": ctype})
 
     def read_exactly(self, length):
+        if self.expect_continue:
+            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.expect_continue = False
         self.server.deadlines.arm(self.connection, BODY_DEADLINE_SECONDS)
         try:
             raw = self.rfile.read(length)
@@ -1488,6 +1652,16 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         client_rid = self.headers.get("X-Request-Id", "")
         if REQUEST_ID_RE.match(client_rid):
             self.request_id = client_rid
+        # In flight from here until the reply is written, so a SIGTERM drain
+        # never cuts a reply off.
+        with self.server.in_flight_request():
+            reply = self.reply_for_request()
+            if self.body_pending:
+                self.close_connection = True  # an unread body would become the next request
+            self.send_reply(reply)
+
+    def reply_for_request(self):
+        """The handler's reply, or the error envelope for whatever went wrong."""
         try:
             reply = self.route_request()
         except ApiError as exc:
@@ -1500,9 +1674,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             error = ApiError(f"Internal error; see the log for request {self.request_id}",
                              {"request_id": self.request_id})
             reply = Reply(error.status, error.body())
-        if self.body_pending:
-            self.close_connection = True  # an unread body would be taken as the next request
-        self.send_reply(reply)
+        return reply
 
     def route_request(self):
         app = self.server.app
@@ -1519,7 +1691,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
 
     def authenticate(self, app, route):
         """The key record, rate-limited; None only for routes needing no key."""
-        secret = self.bearer_token()
+        secret, malformed = self.bearer_token()
         key = app.keys.authenticate(secret) if secret else None
         if key is not None:
             self.key_name = key["name"]
@@ -1532,20 +1704,23 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             self.server.stats_rate_limited += 1
             raise RateLimited("Too many requests; retry later",
                               {"retry_after": int(headers["Retry-After"])})
+        if malformed:
+            raise Unauthorized("Authorization must be one 'Bearer <key>' header")
         if key is None and route.scope is not None:
             raise Unauthorized("A valid API key is required" if secret is None
                                else "Unknown or revoked API key")
         return key
 
     def bearer_token(self):
-        header = self.headers.get("Authorization")
-        if header is None:
-            return None
-        scheme, _, token = header.strip().partition(" ")
+        """(secret or None, malformed?) from the Authorization header."""
+        headers = self.headers.get_all("Authorization") or []
+        if not headers:
+            return None, False
+        scheme, _, token = headers[0].strip().partition(" ")
         token = token.strip()
-        if scheme.lower() != "bearer" or not token or " " in token:
-            raise Unauthorized("Authorization must be 'Bearer <key>'")
-        return token
+        if len(headers) > 1 or scheme.lower() != "bearer" or not token or " " in token:
+            return None, True
+        return token, False
 
     # -- writing ---------------------------------------------------------------
     def send_reply(self, reply):
@@ -1553,7 +1728,8 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         otherwise: ~40 ms per keep-alive request)."""
         body = b""
         if reply.body is not None:
-            body = (json.dumps(reply.body, ensure_ascii=False) + "\n").encode("utf-8")
+            # ASCII escapes: a lone surrogate echoed from a client cannot break it.
+            body = (json.dumps(reply.body) + "\n").encode("ascii")
         headers = {"Content-Type": "application/json", "Content-Length": str(len(body)),
                    "X-Request-Id": self.request_id,
                    "Date": email.utils.formatdate(usegmt=True),
@@ -1620,6 +1796,13 @@ class PigletServer(http.server.ThreadingHTTPServer):
         """Bound on concurrent handler work; idle connections hold no slot."""
         if not self._slots.acquire(timeout=WORK_SLOT_WAIT_SECONDS):
             raise Unavailable("Piglet is busy; retry shortly", "piglet")
+        try:
+            yield
+        finally:
+            self._slots.release()
+
+    @contextlib.contextmanager
+    def in_flight_request(self):
         with self._lock:
             self._in_flight += 1
         try:
@@ -1627,7 +1810,6 @@ class PigletServer(http.server.ThreadingHTTPServer):
         finally:
             with self._lock:
                 self._in_flight -= 1
-            self._slots.release()
 
     def count_request(self, status):
         pass  # metrics hook
@@ -1638,16 +1820,20 @@ class PigletServer(http.server.ThreadingHTTPServer):
             if not full:
                 self._connections += 1
         if full:
-            self.refuse(request)
+            self.refuse(request, client_address)
             return
         super().process_request(request, client_address)
 
-    def refuse(self, sock):
+    def refuse(self, sock, client_address):
         body = json.dumps(Unavailable("Too many connections", "piglet").body()).encode()
+        head = ("HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\n"
+                "Content-Type: application/json\r\n"
+                f"X-Request-Id: {secrets.token_hex(8)}\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode()
+        log.warning("refused a connection from %s: %d open", client_address[0],
+                    self.app.config["max_connections"])
         with contextlib.suppress(OSError):
-            sock.sendall(b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\n"
-                         b"Content-Type: application/json\r\nContent-Length: "
-                         + str(len(body)).encode() + b"\r\n\r\n" + body)
+            sock.sendall(head + body)
         self.shutdown_request(sock)
 
     def process_request_thread(self, request, client_address):
@@ -1705,7 +1891,7 @@ def reload_app(app):
     try:
         app.reload()
         log.info("reloaded %s", app.config_file)
-    except (ConfigError, OSError) as exc:
+    except Exception as exc:  # whatever happens, systemd must hear READY again
         log.error("reload failed, keeping the running config: %s", exc)
     sd_notify("READY=1")
 
@@ -1732,6 +1918,7 @@ def serve(config, config_file):
              redact_dsn(config["postgres"]["dsn"]))
     sd_notify("READY=1")
     server.serve_forever(poll_interval=0.5)
+    server.socket.close()  # new connections are refused at once, not left hanging
     drain(server)
     with contextlib.suppress(OSError):
         app.keys.flush_last_used(force=True)
@@ -1757,6 +1944,7 @@ def drain(server):
 
 def command_key(args, config):
     store = KeyStore(config["keys_file"])
+    store.check()  # a corrupt keys file is reported, never silently overwritten
     if args.key_command == "create":
         secret, _ = store.create(args.name, args.scope)
         print(secret)
@@ -1813,6 +2001,9 @@ def main(argv=None):
         return serve(config, path)
     except ApiError as exc:
         print(f"piglet: {exc.message}", file=sys.stderr)
+        return 1
+    except (ConfigError, OSError) as exc:
+        print(f"piglet: {exc}", file=sys.stderr)
         return 1
 
 

@@ -400,6 +400,81 @@ def test_stdlib_error_replies_are_json(server, payload, want_status):
     assert data["error"]["details"]["http_status"] == want_status
 
 
+@pytest.mark.parametrize("body", [
+    b'{"name": "\\ud800"}',            # a lone surrogate, echoed in the error
+    b'{"\\ud800": 1}',
+    b"[" * 100000 + b"]" * 100000,       # nesting deeper than the parser's stack
+    b'{"name": "x", "scope": ' + b"9" * 5000 + b"}",  # over Python's digit limit
+])
+def test_hostile_json_gets_400_envelope(server, body):
+    status, _, data = server.request("POST", "keys", body=body,
+                                     headers={"Content-Type": "application/json"})
+    assert_error(status, data, 400, "BAD_REQUEST")
+
+
+@pytest.mark.parametrize("framing", [
+    "Content-Length: \u00b2",                       # a Unicode digit
+    "Content-Length: 2\r\nContent-Length: 20",     # two lengths
+    "Transfer-Encoding: gzip\r\nContent-Length: 2",
+])
+def test_ambiguous_body_framing_400_and_close(server, framing):
+    response = raw_exchange(server.port, (
+        f"POST {API}/keys HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {server.admin_key}\r\n"
+        f"Content-Type: application/json\r\n{framing}\r\n\r\n{{}}"
+        f"GET {API}/status HTTP/1.1\r\n\r\n").encode("utf-8"))
+    status, head, data = parse_raw(response)
+    assert_error(status, data, 400, "BAD_REQUEST")
+    assert "Connection: close" in head
+    assert response.count(b"HTTP/1.1 ") == 1  # the smuggled request was not served
+
+
+def test_expect_continue_not_sent_before_auth(server):
+    response = raw_exchange(server.port, (
+        f"POST {API}/keys HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        "Content-Length: 99999\r\nExpect: 100-continue\r\n\r\n").encode())
+    assert b"100 Continue" not in response
+    status, _, data = parse_raw(response)
+    assert_error(status, data, 401, "UNAUTHORIZED")
+
+
+def test_expect_continue_sent_when_body_wanted(server):
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        body = b'{"name": "expect-key"}'
+        sock.sendall((f"POST {API}/keys HTTP/1.1\r\nHost: x\r\n"
+                      f"Authorization: Bearer {server.admin_key}\r\n"
+                      f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                      "Expect: 100-continue\r\n\r\n").encode())
+        assert sock.recv(1024) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(body)
+        status, _, data = parse_raw(sock.recv(65536))
+    assert status == 201 and data["name"] == "expect-key"
+
+
+def test_absolute_form_and_leading_crlf_accepted(server):
+    response = raw_exchange(server.port, (
+        f"\r\nGET http://127.0.0.1:{server.port}{API}/status HTTP/1.1\r\nHost: x\r\n"
+        f"Authorization: Bearer {server.admin_key}\r\nConnection: close\r\n\r\n").encode())
+    status, _, data = parse_raw(response)
+    assert status == 200 and data["status"] == "healthy"
+
+
+def test_two_authorization_headers_401(server):
+    conn = server.connection()
+    conn.putrequest("GET", f"{API}/status")
+    conn.putheader("Authorization", f"Bearer {server.admin_key}")
+    conn.putheader("Authorization", f"Bearer {server.read_key}")
+    conn.endheaders()
+    resp = conn.getresponse()
+    assert_error(resp.status, json.loads(resp.read()), 401, "UNAUTHORIZED")
+    conn.close()
+
+
+def test_raw_control_bytes_in_path_400(server):
+    status, _, data = parse_raw(raw_exchange(
+        server.port, b"GET /api/v1/jobs/a\x01b HTTP/1.1\r\nHost: x\r\n\r\n"))
+    assert_error(status, data, 400, "BAD_REQUEST")
+
+
 def test_bad_path_encoding_400(server):
     status, _, data = server.request("DELETE", "keys/%ff%fe")
     assert_error(status, data, 400, "BAD_REQUEST")
@@ -612,6 +687,51 @@ def test_slow_header_trickle_is_cut_off(server):
     assert closed, "a client trickling headers kept its connection"
 
 
+def test_slow_request_line_trickle_is_cut_off(server):
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.settimeout(2)
+        started = time.monotonic()
+        closed = False
+        for byte in (b"GET /api/v1/status HTTP/1.1" * 10)[:40]:
+            try:
+                sock.sendall(bytes([byte]))
+                if sock.recv(1) == b"":
+                    closed = True
+                    break
+            except socket.timeout:
+                continue
+            except OSError:
+                closed = True
+                break
+    assert closed and time.monotonic() - started < 30
+
+
+def test_stuck_status_command_does_not_stall_status(cluster, make_server):
+    server = make_server(cluster, services={
+        "postgres": cluster.service_entry(),
+        "hang": {"status": ["sleep", "40"], "start": ["true"], "stop": ["true"]}})
+    status, _, data = server.request("GET", "status")
+    assert status == 200
+    assert data["status"] == "degraded"
+    assert data["services"] == {"postgres": "running", "hang": "unknown"}
+
+
+def test_corrupt_keys_file_keeps_last_good_keys(cluster, make_server):
+    server = make_server(cluster)
+    assert server.request("GET", "status")[0] == 200
+    with open(server.config["keys_file"], "w") as handle:
+        handle.write('{"keys": [')
+    status, _, _ = server.request("GET", "status")
+    assert status == 200
+    assert "is not valid JSON" in server.log()
+    result = subprocess.run([sys.executable, PIGLET, "key", "create", "--name", "x",
+                             "--config", server.config_file],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1 and "not valid JSON" in result.stderr
+    with open(server.config["keys_file"]) as handle:
+        assert handle.read() == '{"keys": ['  # never overwritten
+
+
 def test_postgres_down_unhealthy_then_recovers(fresh_cluster, make_server):
     server = make_server(fresh_cluster)
     assert server.request("GET", "status")[2]["status"] == "healthy"
@@ -668,6 +788,10 @@ def run_serve(config, tmp_path):
     ({"postgres": {"dsn": 5}}, "postgres.dsn"),
     ({"services": {"pg": {"unit": "x", "prot": 1}}}, "services.pg.prot"),
     ({"snapshots": {"paths": [1]}}, "snapshots.paths"),
+    ({"services": {"pg": {"status": [], "start": ["a"], "stop": ["b"]}}}, "services.pg.status"),
+    ({"services": {"pg": {"status": ["a"], "start": ["a"], "stop": ["b"],
+                          "user": "no-such-user"}}}, "services.pg.user"),
+    ({"postgres": {"connect_timeout": 0}}, "postgres.connect_timeout"),
 ])
 def test_bad_config_stops_startup_naming_field(tmp_path, config, named):
     result = run_serve(config, tmp_path)
