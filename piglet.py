@@ -1271,7 +1271,8 @@ class DatabaseSizes:
 DATABASE_SQL = """
 SELECT d.oid, d.datname AS name, pg_get_userbyid(d.datdba) AS owner,
        pg_encoding_to_char(d.encoding) AS encoding, d.datcollate AS collation,
-       d.datistemplate AS is_template, coalesce(a.sessions, 0)::int AS connections
+       d.datistemplate AS is_template, d.datallowconn AS allow_connections,
+       coalesce(a.sessions, 0)::int AS connections
   FROM pg_database d
   LEFT JOIN (SELECT datid, count(*) AS sessions FROM pg_stat_activity
               WHERE {not_autovacuum} GROUP BY datid) a ON a.datid = d.oid
@@ -1535,6 +1536,9 @@ def check_grant_databases(conn, names):
         if row["is_template"]:
             raise BadRequest(f"Database {name!r} is a template; grants go on real databases",
                              {"database": name})
+        if not row["allow_connections"]:
+            raise Conflict(f"Database {name!r} does not allow connections",
+                           {"database": name})
     return wanted
 
 

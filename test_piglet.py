@@ -1274,3 +1274,47 @@ def test_databases_and_users_postgres_down_503_then_back(fresh_cluster, make_ser
         assert server.request("GET", path)[0] == 200
     status, _, data = server.request("POST", "databases", {"name": "down_db"})
     assert status == 201, data
+    fresh_cluster.stop()  # a restart with no request meanwhile: pooled sessions are stale
+    fresh_cluster.start()
+    for path in ("databases", "users", "databases/down_db", "users/postgres") * 3:
+        status, _, data = server.request("GET", path)
+        assert status == 200, data
+
+
+def test_user_failed_grant_leaves_nothing_then_retry_201(server, cluster):
+    """A grant refused in the second database undoes the first and the role."""
+    for name in ("okdb", "trapdb"):
+        assert server.request("POST", "databases", {"name": name})[0] == 201
+    sql_exec(cluster, """
+        CREATE FUNCTION no_grants() RETURNS event_trigger LANGUAGE plpgsql
+            AS $$BEGIN RAISE EXCEPTION 'grants refused here'; END$$;
+        CREATE EVENT TRIGGER no_grants ON ddl_command_start WHEN TAG IN ('GRANT')
+            EXECUTE FUNCTION no_grants()""", dbname="trapdb")
+    body = {"username": "trap_user", "password": "long-enough",
+            "databases": ["okdb", "trapdb"]}
+    try:
+        status, _, data = server.request("POST", "users", body)
+        assert_error(status, data, 500, "INTERNAL_ERROR")
+        assert not role_exists(cluster, "trap_user")
+        assert sql_exec(cluster, "SELECT nspacl::text FROM pg_namespace "
+                        "WHERE nspname = 'public'", dbname="okdb")[0][0].count("=") == 2
+        sql_exec(cluster, "DROP EVENT TRIGGER no_grants", dbname="trapdb")
+        status, _, data = server.request("POST", "users", body)
+        assert status == 201 and data["databases"] == ["okdb", "trapdb"]
+        assert server.request("DELETE", "users/trap_user")[0] == 204
+    finally:
+        drop_database(server, "okdb")
+        drop_database(server, "trapdb")
+
+
+def test_user_database_refusing_connections_409_no_role(server, cluster):
+    assert server.request("POST", "databases", {"name": "closeddb"})[0] == 201
+    sql_exec(cluster, "ALTER DATABASE closeddb ALLOW_CONNECTIONS false")
+    try:
+        status, _, data = server.request("POST", "users", {
+            "username": "closed_user", "password": "long-enough", "databases": ["closeddb"]})
+        assert_error(status, data, 409, "CONFLICT")
+        assert data["error"]["details"] == {"database": "closeddb"}
+        assert not role_exists(cluster, "closed_user")
+    finally:
+        drop_database(server, "closeddb")
