@@ -21,6 +21,9 @@ restores; every PostgreSQL tool (pg_dump, pgbackrest, pg_ctl) runs as the
 cluster's OS user, never as root.
 
 Known limitations:
+- Database sizes in GET /databases come from a cache refreshed every
+  SIZE_REFRESH_SECONDS (60 s); each carries `size_as_of`.  GET of one
+  database measures its size afresh.
 - The rate limiter and the last-used times of keys live in memory; a
   restart refills every bucket and last-used times are flushed to the keys
   file at most once a minute.
@@ -1069,7 +1072,6 @@ RESERVED_ROLES = ("public", "none")  # PostgreSQL refuses these even quoted
 NAME_MAX_BYTES = 63             # NAMEDATALEN - 1: PostgreSQL truncates longer names
 PASSWORD_MIN_CHARS = 8
 PASSWORD_MAX_CHARS = 1024
-PASSWORD_MAX_BYTES = 1024       # libpq's SASLprep refuses longer passwords at login
 SCRAM_ITERATIONS = 4096         # RFC 7677's minimum and PostgreSQL's default
 SCRAM_SALT_BYTES = 16
 SIZE_REFRESH_SECONDS = 60       # database sizes are recomputed in the background this often
@@ -1091,8 +1093,8 @@ def check_pg_name(name, field):
 
 def check_role_name(name, field="username"):
     check_pg_name(name, field)
-    if name.startswith("pg_") or name.lower() in RESERVED_ROLES:
-        raise BadRequest(f"Invalid {field}: names starting 'pg_' and {RESERVED_ROLES} "
+    if name.startswith("pg_") or name in RESERVED_ROLES:
+        raise BadRequest(f"Invalid {field}: names starting pg_, and public and none, "
                          "are reserved by PostgreSQL", {"field": field})
     return name
 
@@ -1100,15 +1102,12 @@ def check_role_name(name, field="username"):
 def check_password(password):
     """8 to 1024 characters, no NUL; the value never appears in an error."""
     try:
-        size = len(password.encode("utf-8"))
-    except UnicodeEncodeError:
+        password.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate from a JSON \ud800 escape
         raise BadRequest("Invalid password: not valid Unicode", {"field": "password"}) from None
     if not PASSWORD_MIN_CHARS <= len(password) <= PASSWORD_MAX_CHARS or "\0" in password:
         raise BadRequest(f"Invalid password: {PASSWORD_MIN_CHARS} to {PASSWORD_MAX_CHARS} "
                          "characters, no NUL", {"field": "password"})
-    if size > PASSWORD_MAX_BYTES:
-        raise BadRequest(f"Invalid password: over {PASSWORD_MAX_BYTES} bytes of UTF-8, "
-                         "which PostgreSQL clients refuse to send", {"field": "password"})
     return password
 
 
@@ -1594,17 +1593,7 @@ def create_user(app, req):
     options = role_options(body)
     with app.db.connection() as conn:
         databases = check_grant_databases(conn, body.get("databases", []))
-        statements = [sql.SQL("CREATE ROLE {} LOGIN ").format(sql.Identifier(name))
-                      + sql.SQL(" ").join(options)]
-        try:
-            with conn.transaction():
-                for statement in statements + database_grant(name, databases):
-                    conn.execute(statement)
-        except psycopg.errors.DuplicateObject:
-            raise Conflict(f"User {name!r} already exists", {"username": name}) from None
-        except psycopg.errors.InvalidCatalogName:
-            raise NotFound("A listed database was dropped meanwhile",
-                           {"databases": databases}) from None
+        create_role(conn, name, options, databases)
         try:
             change_public_schemas(app, conn, name, [(db, True) for db in databases])
         except BaseException:
@@ -1614,6 +1603,21 @@ def create_user(app, req):
     log.info("created user %r with access to %r", name, databases)
     return Reply(HTTPStatus.CREATED, user_object(row),
                  {"Location": f"{API_PREFIX}/users/{urllib.parse.quote(name, safe='')}"})
+
+
+def create_role(conn, name, options, databases):
+    """The role and its database grants in one transaction."""
+    statements = [sql.SQL("CREATE ROLE {} LOGIN ").format(sql.Identifier(name))
+                  + sql.SQL(" ").join(options)]
+    try:
+        with conn.transaction():
+            for statement in statements + database_grant(name, databases):
+                conn.execute(statement)
+    except psycopg.errors.DuplicateObject:
+        raise Conflict(f"User {name!r} already exists", {"username": name}) from None
+    except psycopg.errors.InvalidCatalogName:
+        raise NotFound("A listed database was dropped meanwhile",
+                       {"databases": databases}) from None
 
 
 def remove_new_role(conn, name, databases):
@@ -1639,12 +1643,7 @@ def update_user(app, req):
         if name == conn.info.user:
             raise Forbidden("Piglet's own role is not changed through the API",
                             {"username": name})
-        add, remove = [], []
-        if "databases" in body:
-            wanted = check_grant_databases(conn, body["databases"])
-            granted = granted_databases(conn, row["oid"])
-            add = [db for db in wanted if db not in granted]
-            remove = [db for db in granted if db not in wanted]
+        add, remove = database_changes(conn, row["oid"], body)
         statements = database_grant(name, add) + database_grant(name, remove, grant=False)
         if options:
             statements.insert(0, sql.SQL("ALTER ROLE {} WITH ").format(sql.Identifier(name))
@@ -1661,6 +1660,16 @@ def update_user(app, req):
         row = existing_user(conn, name)
     log.info("updated user %r (%s)", name, ", ".join(sorted(body)) or "nothing")
     return user_object(row)
+
+
+def database_changes(conn, oid, body):
+    """(to grant, to revoke) for a PATCH whose `databases` replaces the set."""
+    if "databases" not in body:
+        return [], []
+    wanted = check_grant_databases(conn, body["databases"])
+    granted = granted_databases(conn, oid)
+    return ([db for db in wanted if db not in granted],
+            [db for db in granted if db not in wanted])
 
 
 def granted_databases(conn, oid):
