@@ -21,6 +21,9 @@ restores; every PostgreSQL tool (pg_dump, pgbackrest, pg_ctl) runs as the
 cluster's OS user, never as root.
 
 Known limitations:
+- Database sizes in GET /databases come from a cache refreshed every
+  SIZE_REFRESH_SECONDS (60 s); each carries `size_as_of`.  GET of one
+  database measures its size afresh.
 - The rate limiter and the last-used times of keys live in memory; a
   restart refills every bucket and last-used times are flushed to the keys
   file at most once a minute.
@@ -30,6 +33,7 @@ import argparse
 import base64
 import contextlib
 import copy
+import datetime
 import email.utils
 import fcntl
 import hashlib
@@ -43,13 +47,16 @@ import os
 import pwd
 import re
 import secrets
+import select
 import signal
 import socket
+import stringprep
 import subprocess
 import sys
 import threading
 import time
 import traceback
+import unicodedata
 import urllib.parse
 from http import HTTPStatus
 
@@ -640,6 +647,19 @@ def first_line(exc):
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def session_alive(conn):
+    """False for an idle session the server has closed (e.g. after a restart).
+
+    An idle session has nothing to read; a readable socket means the
+    server's goodbye or EOF, and using it would fail one request with 503.
+    """
+    try:
+        readable, _, _ = select.select([conn.fileno()], [], [], 0)
+    except (OSError, ValueError, psycopg.Error):
+        return False
+    return not readable
+
+
 class Database:
     """At most `pool_size` sessions, reused; broken ones are dropped.
 
@@ -676,8 +696,12 @@ class Database:
             while not self._idle and self._open >= self.size:
                 if not self._cond.wait(deadline - time.monotonic()):
                     raise Unavailable("All PostgreSQL sessions are busy", "postgres")
-            if self._idle:
-                return self._idle.pop()
+            while self._idle:
+                conn = self._idle.pop()
+                if session_alive(conn):
+                    return conn
+                self._open -= 1
+                conn.close()
             self._open += 1
         try:
             return self.connect()
@@ -1140,7 +1164,705 @@ def job_accepted(job):
 # Databases and users
 # ---------------------------------------------------------------------------
 
-DATABASE_ROUTES = []
+PROTECTED_DATABASES = ("postgres", "template0", "template1")
+RESERVED_ROLES = ("public", "none")  # PostgreSQL refuses these even quoted
+NAME_MAX_BYTES = 63             # NAMEDATALEN - 1: PostgreSQL truncates longer names
+PASSWORD_MIN_CHARS = 8
+PASSWORD_MAX_CHARS = 1024
+SCRAM_ITERATIONS = 4096         # RFC 7677's minimum and PostgreSQL's default
+SCRAM_SALT_BYTES = 16
+SIZE_REFRESH_SECONDS = 60       # database sizes are recomputed in the background this often
+NOT_AUTOVACUUM = "backend_type <> 'autovacuum worker'"  # DROP DATABASE ends those itself
+SESSION_EXIT_WAIT_SECONDS = 2   # a closed session's backend leaves pg_stat_activity within this
+
+
+def check_pg_name(name, field):
+    """An identifier PostgreSQL stores as given: 1 to 63 bytes of UTF-8, no NUL."""
+    try:
+        size = len(name.encode("utf-8")) if isinstance(name, str) else 0
+    except UnicodeEncodeError:  # a lone surrogate from a JSON \ud800 escape
+        size = 0
+    if not 1 <= size <= NAME_MAX_BYTES or "\0" in name:
+        raise BadRequest(f"Invalid {field}: 1 to {NAME_MAX_BYTES} bytes of UTF-8, no NUL",
+                         {"field": field})
+    return name
+
+
+def check_role_name(name, field="username"):
+    check_pg_name(name, field)
+    if name.startswith("pg_") or name in RESERVED_ROLES:
+        raise BadRequest(f"Invalid {field}: names starting pg_, and public and none, "
+                         "are reserved by PostgreSQL", {"field": field})
+    return name
+
+
+def check_password(password):
+    """8 to 1024 characters, no NUL; the value never appears in an error."""
+    try:
+        password.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate from a JSON \ud800 escape
+        raise BadRequest("Invalid password: not valid Unicode", {"field": "password"}) from None
+    if not PASSWORD_MIN_CHARS <= len(password) <= PASSWORD_MAX_CHARS or "\0" in password:
+        raise BadRequest(f"Invalid password: {PASSWORD_MIN_CHARS} to {PASSWORD_MAX_CHARS} "
+                         "characters, no NUL", {"field": "password"})
+    return password
+
+
+def saslprep(password):
+    """RFC 4013 exactly as PostgreSQL applies it (src/common/saslprep.c).
+
+    Server and libpq prepare the password the same way before hashing, so a
+    verifier computed here must too.  ASCII is used as is, and so is a
+    password SASLprep prohibits (both sides fall back to the raw bytes).
+    """
+    if password.isascii():
+        return password
+    mapped = [" " if stringprep.in_table_c12(c) else c
+              for c in password if not stringprep.in_table_b1(c)]
+    # PostgreSQL checks the mapped characters, before normalisation.
+    if not mapped or any(saslprep_prohibited(c) for c in mapped):
+        return password
+    if any(stringprep.in_table_d1(c) for c in mapped):
+        if (any(stringprep.in_table_d2(c) for c in mapped)
+                or not stringprep.in_table_d1(mapped[0])
+                or not stringprep.in_table_d1(mapped[-1])):
+            return password
+    return unicodedata.ucd_3_2_0.normalize("NFKC", "".join(mapped))
+
+
+def saslprep_prohibited(c):
+    return (stringprep.in_table_c12(c) or stringprep.in_table_c21_c22(c)
+            or stringprep.in_table_c3(c) or stringprep.in_table_c4(c)
+            or stringprep.in_table_c5(c) or stringprep.in_table_c6(c)
+            or stringprep.in_table_c7(c) or stringprep.in_table_c8(c)
+            or stringprep.in_table_c9(c) or stringprep.in_table_a1(c))
+
+
+def scram_verifier(password, salt=None, iterations=SCRAM_ITERATIONS):
+    """The SCRAM-SHA-256 secret PostgreSQL stores (RFC 5802 section 3, RFC 7677).
+
+    PostgreSQL keeps a string of this shape as it is, so the plain password
+    never reaches the server, its log or pg_stat_activity.
+    """
+    salt = salt or secrets.token_bytes(SCRAM_SALT_BYTES)
+    salted = hashlib.pbkdf2_hmac("sha256", saslprep(password).encode("utf-8"), salt,
+                                 iterations)
+    client_key = hmac.new(salted, b"Client Key", "sha256").digest()
+    stored_key = hashlib.sha256(client_key).digest()
+    server_key = hmac.new(salted, b"Server Key", "sha256").digest()
+    b64 = lambda raw: base64.b64encode(raw).decode("ascii")  # noqa: E731
+    return (f"SCRAM-SHA-256${iterations}:{b64(salt)}"
+            f"${b64(stored_key)}:{b64(server_key)}")
+
+
+def query_flag(req, name):
+    values = req.query.get(name, ["false"])
+    if len(values) != 1 or values[0] not in ("true", "false"):
+        raise BadRequest(f"Query parameter {name!r} must be true or false",
+                         {"field": name, "allowed": ["true", "false"]})
+    return values[0] == "true"
+
+
+def rows(conn, statement, params=None):
+    with conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
+        cur.execute(statement, params)
+        return cur.fetchall()
+
+
+def other_sessions(conn, oid):
+    """Sessions on a database that block DROP or CREATE ... TEMPLATE."""
+    return conn.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE datid = %s AND pid <> pg_backend_pid() "
+        "AND " + NOT_AUTOVACUUM, (oid,)).fetchone()[0]
+
+
+@contextlib.contextmanager
+def session_on(app, database, watcher):
+    """A short session on another database, gone from the server when this ends.
+
+    A backend outlives its client's close by a few milliseconds; a DROP
+    DATABASE right after would count it as a connected session, so the
+    caller's pooled session `watcher` waits for it to leave.
+    """
+    conn = app.db.connect(database)
+    pid = conn.info.backend_pid
+    try:
+        with conn:
+            yield conn
+    finally:
+        conn.close()
+        wait_backend_exit(watcher, pid)
+
+
+def wait_backend_exit(conn, pid):
+    deadline = time.monotonic() + SESSION_EXIT_WAIT_SECONDS
+    while time.monotonic() < deadline:
+        if not conn.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s",
+                            (pid,)).fetchone():
+            return
+        time.sleep(0.005)
+    log.warning("session %d on another database is still exiting", pid)
+
+
+class DatabaseSizes:
+    """pg_database_size() by database oid, refreshed in a background thread.
+
+    Sizing a thousand databases costs about half a second warm and seconds
+    cold, far too slow for each listing; a listing reads this cache and
+    measures only the databases it has never seen.  Each size carries the
+    time it was measured.
+    """
+
+    def __init__(self, db, interval=SIZE_REFRESH_SECONDS):
+        self.db, self.interval = db, interval
+        self._lock = threading.Lock()
+        self._sizes = {}  # oid -> (size_bytes or None, unix time measured)
+
+    def start(self):
+        threading.Thread(target=self._run, name="database-sizes", daemon=True).start()
+
+    def _run(self):
+        while True:
+            try:
+                self.refresh()
+            except (ApiError, psycopg.Error) as exc:
+                log.debug("database sizes not refreshed: %s", first_line(exc))
+            time.sleep(self.interval)
+
+    def refresh(self):
+        with self.db.connection() as conn:
+            oids = [r[0] for r in conn.execute(
+                "SELECT oid FROM pg_database WHERE NOT datistemplate")]
+            sizes = {oid: (self.measure(conn, oid), time.time()) for oid in oids}
+        with self._lock:
+            self._sizes = sizes
+
+    @staticmethod
+    def measure(conn, oid):
+        """One database's size; None when it cannot be measured (dropped meanwhile)."""
+        try:
+            return conn.execute("SELECT pg_database_size(%s)", (oid,)).fetchone()[0]
+        except psycopg.OperationalError:
+            raise
+        except psycopg.Error:
+            return None
+
+    def lookup(self, conn, oids, fresh=False):
+        """oid -> (size_bytes, measured_at); missing ones measured now."""
+        with self._lock:
+            known = {} if fresh else {o: self._sizes[o] for o in oids if o in self._sizes}
+        missing = [o for o in oids if o not in known]
+        measured = {o: (self.measure(conn, o), time.time()) for o in missing}
+        with self._lock:
+            self._sizes.update(measured)
+        return {**known, **measured}
+
+    def forget(self, oid):
+        with self._lock:
+            self._sizes.pop(oid, None)
+
+
+# -- databases ----------------------------------------------------------------
+
+DATABASE_SQL = """
+SELECT d.oid, d.datname AS name, pg_get_userbyid(d.datdba) AS owner,
+       pg_encoding_to_char(d.encoding) AS encoding, d.datcollate AS collation,
+       d.datistemplate AS is_template, d.datallowconn AS allow_connections,
+       coalesce(a.sessions, 0)::int AS connections
+  FROM pg_database d
+  LEFT JOIN (SELECT datid, count(*) AS sessions FROM pg_stat_activity
+              WHERE {not_autovacuum} GROUP BY datid) a ON a.datid = d.oid
+ WHERE {where}
+ ORDER BY d.datname"""
+
+
+def database_rows(conn, where, params=None):
+    statement = sql.SQL(DATABASE_SQL).format(not_autovacuum=sql.SQL(NOT_AUTOVACUUM),
+                                             where=sql.SQL(where))
+    return rows(conn, statement, params)
+
+
+def database_row(conn, name):
+    found = database_rows(conn, "d.datname = %s", (name,))
+    return found[0] if found else None
+
+
+def database_object(row, size):
+    size_bytes, measured = size
+    return {"name": row["name"], "owner": row["owner"],
+            "size": None if size_bytes is None else human_size(size_bytes),
+            "size_bytes": size_bytes, "encoding": row["encoding"],
+            "collation": row["collation"], "connections": row["connections"],
+            "size_as_of": utc_iso(measured)}
+
+
+def database_location(name):
+    return f"{API_PREFIX}/databases/{urllib.parse.quote(name, safe='')}"
+
+
+def list_databases(app, req):
+    """200: every database but templates, by name; sizes from the background cache."""
+    with app.db.connection() as conn:
+        found = database_rows(conn, "NOT d.datistemplate")
+        sizes = app.db_sizes.lookup(conn, [r["oid"] for r in found])
+    measured = [when for _, when in sizes.values()]
+    return {"databases": [database_object(r, sizes[r["oid"]]) for r in found],
+            "sizes_as_of": utc_iso(min(measured)) if measured else None}
+
+
+def get_database(app, req):
+    """200 with a size measured now; 400 invalid name; 404 unknown."""
+    name = check_pg_name(req.params["name"], "name")
+    with app.db.connection() as conn:
+        row = database_row(conn, name)
+        if row is None:
+            raise NotFound("Database not found", {"database": name})
+        size = app.db_sizes.lookup(conn, [row["oid"]], fresh=True)[row["oid"]]
+    return database_object(row, size)
+
+
+def create_database(app, req):
+    """201 with Location; 400 invalid name; 404 owner (details.role) or template
+    (details.database) missing; 409 exists, or template in use (details.connections)."""
+    name = check_pg_name(req.body["name"], "name")
+    owner, template = req.body.get("owner"), req.body.get("template")
+    if owner is not None:
+        check_pg_name(owner, "owner")
+    if template is not None:
+        check_pg_name(template, "template")
+    with app.db.connection() as conn:
+        check_new_database(conn, name, owner, template or "template1")
+        statement = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
+        if owner is not None:
+            statement += sql.SQL(" OWNER {}").format(sql.Identifier(owner))
+        if template is not None:
+            statement += sql.SQL(" TEMPLATE {}").format(sql.Identifier(template))
+        run_create_database(conn, statement, name, owner, template or "template1")
+        row = database_row(conn, name)
+        size = app.db_sizes.lookup(conn, [row["oid"]], fresh=True)[row["oid"]]
+    log.info("created database %r (owner %r, template %r)", name, owner, template)
+    return Reply(HTTPStatus.CREATED, database_object(row, size),
+                 {"Location": database_location(name)})
+
+
+def check_new_database(conn, name, owner, template):
+    """Everything CREATE DATABASE would refuse, found first and named clearly.
+
+    CREATE DATABASE also waits five seconds for a busy template's sessions
+    to leave before failing; checking first answers at once.
+    """
+    if database_row(conn, name) is not None:
+        raise Conflict(f"Database {name!r} already exists", {"database": name})
+    if owner is not None and not conn.execute(
+            "SELECT 1 FROM pg_roles WHERE rolname = %s", (owner,)).fetchone():
+        raise NotFound(f"Owner role {owner!r} not found", {"role": owner})
+    source = database_row(conn, template)
+    if source is None:
+        raise NotFound(f"Template database {template!r} not found", {"database": template})
+    busy = other_sessions(conn, source["oid"])
+    if busy:
+        raise template_in_use(template, busy)
+
+
+def template_in_use(template, sessions):
+    return Conflict(f"Cannot copy database {template!r}: {sessions} other session(s) "
+                    "are connected to it", {"database": template, "connections": sessions})
+
+
+def run_create_database(conn, statement, name, owner, template):
+    """CREATE DATABASE is one statement in autocommit: it makes all or nothing."""
+    try:
+        conn.execute(statement)
+    except psycopg.errors.DuplicateDatabase:
+        raise Conflict(f"Database {name!r} already exists", {"database": name}) from None
+    except psycopg.errors.UndefinedObject:
+        raise NotFound(f"Owner role {owner!r} not found", {"role": owner}) from None
+    except psycopg.errors.InvalidCatalogName:
+        raise NotFound(f"Template database {template!r} not found",
+                       {"database": template}) from None
+    except psycopg.errors.ObjectInUse:
+        source = database_row(conn, template)
+        raise template_in_use(template, other_sessions(conn, source["oid"]) if source
+                              else 0) from None
+
+
+def delete_database(app, req):
+    """204; 400 invalid name or force; 403 system, template or Piglet's own database;
+    404 unknown; 409 sessions connected (details.connections) unless force=true."""
+    name = check_pg_name(req.params["name"], "name")
+    force = query_flag(req, "force")
+    with app.db.connection() as conn:
+        if name in PROTECTED_DATABASES or name == conn.info.dbname:
+            raise Forbidden(f"Database {name!r} is protected", {"database": name})
+        row = database_row(conn, name)
+        if row is None:
+            raise NotFound("Database not found", {"database": name})
+        if row["is_template"]:
+            raise Forbidden(f"Database {name!r} is a template; clear its IS_TEMPLATE flag "
+                            "first", {"database": name})
+        busy = other_sessions(conn, row["oid"])
+        if busy and not force:
+            raise Conflict(f"Database {name!r} has {busy} session(s) connected; "
+                           "use force=true to end them", {"database": name,
+                                                          "connections": busy})
+        drop_database(conn, name, row["oid"], force)
+    app.db_sizes.forget(row["oid"])
+    log.info("dropped database %r%s", name, " (force)" if force else "")
+    return Reply(HTTPStatus.NO_CONTENT)
+
+
+def drop_database(conn, name, oid, force):
+    statement = sql.SQL("DROP DATABASE {}").format(sql.Identifier(name))
+    if force:
+        statement += sql.SQL(" WITH (FORCE)")
+    try:
+        conn.execute(statement)
+    except psycopg.errors.InvalidCatalogName:
+        raise NotFound("Database not found", {"database": name}) from None
+    except psycopg.errors.ObjectInUse as exc:
+        # Sessions arrived meanwhile, or prepared transactions or
+        # replication slots hold it (which FORCE does not end).
+        raise Conflict(f"Database {name!r} is in use: {first_line(exc)}",
+                       {"database": name,
+                        "connections": other_sessions(conn, oid)}) from None
+
+
+# -- users ----------------------------------------------------------------------
+
+USER_SQL = """
+SELECT r.oid, r.rolname AS username, r.rolsuper AS superuser,
+       r.rolcreatedb AS createdb, r.rolcanlogin AS login,
+       nullif(r.rolconnlimit, -1) AS connection_limit,
+       CASE WHEN r.rolvaliduntil IS NULL OR r.rolvaliduntil = 'infinity' THEN NULL
+            WHEN r.rolvaliduntil = '-infinity' THEN '-infinity'
+            ELSE to_char(r.rolvaliduntil AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"')
+       END AS valid_until,
+       ARRAY(SELECT g.rolname::text FROM pg_auth_members m
+               JOIN pg_roles g ON g.oid = m.roleid
+              WHERE m.member = r.oid ORDER BY g.rolname) AS member_of,
+       ARRAY(SELECT d.datname::text FROM pg_database d
+              WHERE NOT d.datistemplate AND (d.datdba = r.oid OR EXISTS (
+                    SELECT 1 FROM aclexplode(d.datacl) a
+                     WHERE a.grantee = r.oid AND a.privilege_type = 'CONNECT'))
+              ORDER BY d.datname) AS databases
+  FROM pg_roles r
+ WHERE r.rolname !~ '^pg_' AND {where}
+ ORDER BY r.rolname"""
+
+USER_FIELDS = ("username", "superuser", "createdb", "login", "connection_limit",
+               "valid_until", "member_of", "databases")
+
+
+def user_rows(conn, where, params=None):
+    return rows(conn, sql.SQL(USER_SQL).format(where=sql.SQL(where)), params)
+
+
+def user_row(conn, name):
+    found = user_rows(conn, "r.rolname = %s", (name,))
+    return found[0] if found else None
+
+
+def user_object(row):
+    return {field: row[field] for field in USER_FIELDS}
+
+
+def existing_user(conn, name):
+    """The row of a visible role (pg_* roles are hidden), else 404."""
+    row = user_row(conn, name)
+    if row is None:
+        raise NotFound("User not found", {"username": name})
+    return row
+
+
+def list_users(app, req):
+    """200: every role except pg_* ones, by name."""
+    with app.db.connection() as conn:
+        return {"users": [user_object(r) for r in user_rows(conn, "true")]}
+
+
+def get_user(app, req):
+    """200; 400 invalid name; 404 unknown or a pg_* role."""
+    name = check_pg_name(req.params["username"], "username")
+    with app.db.connection() as conn:
+        return user_object(existing_user(conn, name))
+
+
+def role_options(body):
+    """ALTER/CREATE ROLE options from a request body; the password only as a verifier."""
+    options = []
+    if "password" in body:
+        verifier = scram_verifier(check_password(body["password"]))
+        options.append(sql.SQL("PASSWORD {}").format(sql.Literal(verifier)))
+    if "createdb" in body:
+        options.append(sql.SQL("CREATEDB" if body["createdb"] else "NOCREATEDB"))
+    if "connection_limit" in body:
+        limit = body["connection_limit"]
+        if limit is not None and limit < -1:
+            raise BadRequest("connection_limit must be -1 (none), null (none) or at least 0",
+                             {"field": "connection_limit"})
+        options.append(sql.SQL("CONNECTION LIMIT {}").format(
+            sql.Literal(-1 if limit is None else limit)))
+    if "valid_until" in body:
+        options.append(sql.SQL("VALID UNTIL {}").format(
+            sql.Literal(parse_valid_until(body["valid_until"]))))
+    return options
+
+
+def parse_valid_until(value):
+    """An RFC 3339 time with an offset, as UTC; null means no expiry."""
+    if value is None:
+        return "infinity"
+    try:
+        when = datetime.datetime.fromisoformat(value)
+    except ValueError:
+        when = None
+    if when is None or when.tzinfo is None:
+        raise BadRequest("valid_until must be an RFC 3339 time with an offset or Z",
+                         {"field": "valid_until"})
+    return when.astimezone(datetime.timezone.utc).isoformat()
+
+
+def check_grant_databases(conn, names):
+    """The listed databases, deduplicated in order; 404 for the first missing."""
+    wanted = list(dict.fromkeys(check_pg_name(n, "databases") for n in names))
+    for name in wanted:
+        row = database_row(conn, name)
+        if row is None:
+            raise NotFound(f"Database {name!r} not found", {"database": name})
+        if row["is_template"]:
+            raise BadRequest(f"Database {name!r} is a template; grants go on real databases",
+                             {"database": name})
+        if not row["allow_connections"]:
+            raise Conflict(f"Database {name!r} does not allow connections",
+                           {"database": name})
+    return wanted
+
+
+def database_grant(role, names, grant=True):
+    """CONNECT and TEMPORARY on each database, granted or revoked."""
+    verb = "GRANT {} ON DATABASE {} TO {}" if grant else "REVOKE {} ON DATABASE {} FROM {}"
+    return [sql.SQL(verb).format(sql.SQL("CONNECT, TEMPORARY"), sql.Identifier(name),
+                                 sql.Identifier(role)) for name in names]
+
+
+def change_public_schemas(app, conn, role, changes):
+    """USAGE and CREATE on `public` in each database: [(db, grant?)].
+
+    Each change needs a session on its database, so these cannot share the
+    role's transaction; on a failure the changes already made are undone.
+    """
+    done = []
+    try:
+        for name, grant in changes:
+            set_public_schema(app, conn, role, name, grant)
+            done.append((name, grant))
+    except BaseException:
+        undo_public_schemas(app, conn, role, done)
+        raise
+    return done
+
+
+def undo_public_schemas(app, conn, role, done):
+    for name, grant in reversed(done):
+        try:
+            set_public_schema(app, conn, role, name, not grant)
+        except (ApiError, psycopg.Error) as exc:
+            log.error("could not undo a grant on schema public of %r to %r: %s",
+                      name, role, first_line(exc))
+
+
+def set_public_schema(app, watcher, role, database, grant):
+    verb = ("GRANT USAGE, CREATE ON SCHEMA public TO {}" if grant
+            else "REVOKE USAGE, CREATE ON SCHEMA public FROM {}")
+    with session_on(app, database, watcher) as conn:
+        try:
+            conn.execute(sql.SQL(verb).format(sql.Identifier(role)))
+        except psycopg.errors.InvalidSchemaName:
+            log.warning("database %r has no schema public; nothing to grant", database)
+
+
+def create_user(app, req):
+    """201 without the password; 400 invalid field or pg_* name; 404 a listed
+    database missing (details.database; no role is left); 409 exists."""
+    body = req.body
+    name = check_role_name(body["username"])
+    check_password(body["password"])
+    options = role_options(body)
+    with app.db.connection() as conn:
+        databases = check_grant_databases(conn, body.get("databases", []))
+        create_role(conn, name, options, databases)
+        try:
+            change_public_schemas(app, conn, name, [(db, True) for db in databases])
+        except BaseException:
+            remove_new_role(conn, name, databases)
+            raise
+        row = existing_user(conn, name)
+    log.info("created user %r with access to %r", name, databases)
+    return Reply(HTTPStatus.CREATED, user_object(row),
+                 {"Location": f"{API_PREFIX}/users/{urllib.parse.quote(name, safe='')}"})
+
+
+def create_role(conn, name, options, databases):
+    """The role and its database grants in one transaction."""
+    statements = [sql.SQL("CREATE ROLE {} LOGIN ").format(sql.Identifier(name))
+                  + sql.SQL(" ").join(options)]
+    try:
+        with conn.transaction():
+            for statement in statements + database_grant(name, databases):
+                conn.execute(statement)
+    except psycopg.errors.DuplicateObject:
+        raise Conflict(f"User {name!r} already exists", {"username": name}) from None
+    except psycopg.errors.InvalidCatalogName:
+        raise NotFound("A listed database was dropped meanwhile",
+                       {"databases": databases}) from None
+
+
+def remove_new_role(conn, name, databases):
+    """Undo a half-made user: its database grants and the role itself."""
+    try:
+        with conn.transaction():
+            for statement in database_grant(name, databases, grant=False):
+                conn.execute(statement)
+            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(name)))
+    except psycopg.Error as exc:
+        log.error("could not remove half-made role %r: %s", name, first_line(exc))
+
+
+def update_user(app, req):
+    """200 with the user; 400 invalid field; 403 the role Piglet connects as;
+    404 unknown user or listed database.  `databases` replaces the granted set;
+    databases the user owns stay listed."""
+    name = check_pg_name(req.params["username"], "username")
+    body = req.body
+    options = role_options(body)
+    with app.db.connection() as conn:
+        row = existing_user(conn, name)
+        if name == conn.info.user:
+            raise Forbidden("Piglet's own role is not changed through the API",
+                            {"username": name})
+        add, remove = database_changes(conn, row["oid"], body)
+        statements = database_grant(name, add) + database_grant(name, remove, grant=False)
+        if options:
+            statements.insert(0, sql.SQL("ALTER ROLE {} WITH ").format(sql.Identifier(name))
+                              + sql.SQL(" ").join(options))
+        done = change_public_schemas(app, conn, name, [(db, True) for db in add]
+                                     + [(db, False) for db in remove])
+        try:
+            with conn.transaction():
+                for statement in statements:
+                    conn.execute(statement)
+        except BaseException:
+            undo_public_schemas(app, conn, name, done)
+            raise
+        row = existing_user(conn, name)
+    log.info("updated user %r (%s)", name, ", ".join(sorted(body)) or "nothing")
+    return user_object(row)
+
+
+def database_changes(conn, oid, body):
+    """(to grant, to revoke) for a PATCH whose `databases` replaces the set."""
+    if "databases" not in body:
+        return [], []
+    wanted = check_grant_databases(conn, body["databases"])
+    granted = granted_databases(conn, oid)
+    return ([db for db in wanted if db not in granted],
+            [db for db in granted if db not in wanted])
+
+
+def granted_databases(conn, oid):
+    """Databases where the role holds CONNECT by explicit grant."""
+    return [r[0] for r in conn.execute(
+        "SELECT d.datname::text FROM pg_database d WHERE NOT d.datistemplate AND EXISTS ("
+        " SELECT 1 FROM aclexplode(d.datacl) a WHERE a.grantee = %s"
+        " AND a.privilege_type = 'CONNECT') ORDER BY d.datname", (oid,))]
+
+
+def delete_user(app, req):
+    """204; 403 a superuser or the role Piglet connects as; 404 unknown;
+    409 owns databases (details.databases) or objects inside databases
+    (details.owns_objects_in)."""
+    name = check_pg_name(req.params["username"], "username")
+    with app.db.connection() as conn:
+        row = existing_user(conn, name)
+        if name == conn.info.user or row["superuser"]:
+            raise Forbidden(f"Role {name!r} is protected: it is a superuser or Piglet's own "
+                            "role", {"username": name})
+        check_nothing_owned(conn, name, row["oid"])
+        for database in dependent_databases(conn, row["oid"]):
+            with session_on(app, database, conn) as other:
+                drop_privileges(other, name)
+        try:
+            drop_privileges(conn, name, drop_role=True)
+        except psycopg.errors.DependentObjectsStillExist as exc:
+            raise Conflict(f"User {name!r} still has dependent objects: {first_line(exc)}",
+                           {"username": name}) from None
+    log.info("dropped user %r", name)
+    return Reply(HTTPStatus.NO_CONTENT)
+
+
+def check_nothing_owned(conn, name, oid):
+    """409 when dropping the role would need its databases or objects gone."""
+    owned = [r[0] for r in conn.execute(
+        "SELECT datname::text FROM pg_database WHERE datdba = %s ORDER BY datname", (oid,))]
+    if owned:
+        raise Conflict(f"User {name!r} owns databases; change their owner or drop them first",
+                       {"username": name, "databases": owned})
+    inside = [r[0] for r in conn.execute(
+        "SELECT DISTINCT coalesce(d.datname::text, '(cluster-wide)') FROM pg_shdepend s"
+        "  LEFT JOIN pg_database d ON d.oid = s.dbid"
+        " WHERE s.refclassid = 'pg_authid'::regclass AND s.refobjid = %s"
+        "   AND s.deptype = 'o' AND s.classid <> 'pg_database'::regclass ORDER BY 1",
+        (oid,))]
+    if inside:
+        raise Conflict(f"User {name!r} owns objects in {', '.join(inside)}; reassign or "
+                       "drop them first", {"username": name, "owns_objects_in": inside})
+
+
+def dependent_databases(conn, oid):
+    """Other databases holding privileges granted to the role."""
+    return [r[0] for r in conn.execute(
+        "SELECT DISTINCT d.datname::text FROM pg_shdepend s"
+        "  JOIN pg_database d ON d.oid = s.dbid"
+        " WHERE s.refclassid = 'pg_authid'::regclass AND s.refobjid = %s"
+        "   AND d.datallowconn AND d.datname <> current_database() ORDER BY 1", (oid,))]
+
+
+def drop_privileges(conn, name, drop_role=False):
+    """Revoke everything granted to the role in this session's database.
+
+    REASSIGN OWNED runs first so that an object the user created after the
+    ownership check changes hands instead of being dropped by DROP OWNED.
+    """
+    role = sql.Identifier(name)
+    with conn.transaction():
+        conn.execute(sql.SQL("REASSIGN OWNED BY {} TO CURRENT_USER").format(role))
+        conn.execute(sql.SQL("DROP OWNED BY {}").format(role))
+        if drop_role:
+            conn.execute(sql.SQL("DROP ROLE {}").format(role))
+
+
+DATABASE_BODY = {"name": Field("string", required=True),
+                 "owner": Field("string", nullable=True),
+                 "template": Field("string", nullable=True)}
+USER_CHANGES = {"password": Field("string"),
+                "databases": Field("array", items="string"),
+                "createdb": Field("boolean"),
+                "connection_limit": Field("integer", nullable=True),
+                "valid_until": Field("string", nullable=True)}
+USER_BODY = dict(USER_CHANGES, username=Field("string", required=True),
+                 password=Field("string", required=True))
+
+DATABASE_ROUTES = [
+    Route("GET", "/databases", list_databases),
+    Route("POST", "/databases", create_database, "admin", DATABASE_BODY),
+    Route("GET", "/databases/{name}", get_database),
+    Route("DELETE", "/databases/{name}", delete_database, "admin"),
+    Route("GET", "/users", list_users),
+    Route("POST", "/users", create_user, "admin", USER_BODY),
+    Route("GET", "/users/{username}", get_user),
+    Route("PATCH", "/users/{username}", update_user, "admin", USER_CHANGES),
+    Route("DELETE", "/users/{username}", delete_user, "admin"),
+]
 
 
 # ---------------------------------------------------------------------------
@@ -1181,6 +1903,8 @@ class App:
         self.db = Database(config["postgres"])
         self.services = Services(config["services"])
         self.jobs = JobManager(config["state_dir"])
+        self.db_sizes = DatabaseSizes(self.db)
+        self.db_sizes.start()
 
     def reload(self):
         """SIGHUP: re-read what can change safely; listen address and port stay."""

@@ -874,3 +874,572 @@ def test_service_stop_start_through_commands(fresh_cluster, make_server):
         assert conn.execute("SELECT 1").fetchone() == (1,)
     status, _, data = server.request("POST", "services/postgres/restart")
     assert status == 200 and data["status"] == "running"
+
+
+# ---------------------------------------------------------------------------
+# Databases and users
+# ---------------------------------------------------------------------------
+
+import base64  # noqa: E402
+from urllib.parse import quote  # noqa: E402
+
+import psycopg.sql  # noqa: E402
+
+ODD_NAMES = ["app-new", "my db", 'we"ird', "Ünïcødé"]
+
+
+def db_path(name):
+    return "databases/" + quote(name, safe="")
+
+
+def user_path(name):
+    return "users/" + quote(name, safe="")
+
+
+def sql_exec(cluster, statement, params=None, dbname="postgres"):
+    with cluster.connect(dbname) as conn:
+        cur = conn.execute(statement, params)
+        return cur.fetchall() if cur.description else None
+
+
+def database_exists(cluster, name):
+    return bool(sql_exec(cluster, "SELECT 1 FROM pg_database WHERE datname = %s", (name,)))
+
+
+def role_exists(cluster, name):
+    return bool(sql_exec(cluster, "SELECT 1 FROM pg_roles WHERE rolname = %s", (name,)))
+
+
+def drop_database(server, name):
+    status, _, _ = server.request("DELETE", db_path(name) + "?force=true")
+    assert status in (204, 404)
+
+
+class ScramCluster(Cluster):
+    """Logs every statement and takes TCP logins with scram-sha-256 only."""
+
+    def __init__(self):
+        super().__init__(settings=["log_statement = 'all'",
+                                   "password_encryption = 'scram-sha-256'"])
+        hba = os.path.join(self.data, "pg_hba.conf")
+        with open(hba) as handle:
+            rules = handle.read()
+        with open(hba, "w") as handle:  # first match wins: scram before initdb's trust
+            handle.write("host all all 127.0.0.1/32 scram-sha-256\n" + rules)
+        run_as_pg(self.pg_ctl("reload"))
+
+    def log(self):
+        with open(self.logfile, encoding="utf-8", errors="replace") as handle:
+            return handle.read()
+
+    def tcp_login(self, user, password, dbname="postgres"):
+        return psycopg.connect(host="127.0.0.1", port=self.port, dbname=dbname, user=user,
+                               password=password, autocommit=True, connect_timeout=5,
+                               sslmode="disable")
+
+
+@pytest.fixture(scope="session")
+def scram_cluster():
+    cluster = ScramCluster()
+    yield cluster
+    cluster.destroy()
+
+
+@pytest.fixture(scope="session")
+def scram_server(scram_cluster):
+    server = Server(scram_cluster)
+    yield server
+    server.destroy()
+
+
+def test_database_create_with_owner_twice_201_then_409(server, cluster):
+    sql_exec(cluster, "CREATE ROLE app_user")
+    try:
+        body = {"name": "appdb", "owner": "app_user"}
+        status, headers, data = server.request("POST", "databases", body)
+        assert status == 201, data
+        assert headers["Location"] == f"{API}/databases/appdb"
+        assert data["name"] == "appdb" and data["owner"] == "app_user"
+        assert data["encoding"] == "UTF8" and data["collation"] == "C.UTF-8"
+        assert data["connections"] == 0
+        assert data["size_bytes"] > 0 and data["size"].endswith("B")
+        status, _, data = server.request("POST", "databases", body)
+        assert_error(status, data, 409, "CONFLICT")
+        assert data["error"]["details"] == {"database": "appdb"}
+        status, _, data = server.request("GET", "databases")
+        assert status == 200 and "appdb" in [d["name"] for d in data["databases"]]
+    finally:
+        drop_database(server, "appdb")
+        sql_exec(cluster, "DROP ROLE app_user")
+
+
+@pytest.mark.parametrize("name", ODD_NAMES)
+def test_database_odd_name_full_lifecycle(server, cluster, name):
+    status, headers, data = server.request("POST", "databases", {"name": name})
+    assert status == 201, data
+    assert data["name"] == name
+    assert headers["Location"] == f"{API}/{db_path(name)}"
+    assert database_exists(cluster, name)
+    status, _, data = server.request("GET", "databases")
+    assert name in [d["name"] for d in data["databases"]]
+    status, _, data = server.request("GET", db_path(name))
+    assert status == 200 and data["name"] == name
+    user = "u_" + name
+    status, _, data = server.request("POST", "users", {
+        "username": user, "password": "odd-name-pass", "databases": [name]})
+    assert status == 201 and data["username"] == user and data["databases"] == [name]
+    status, _, data = server.request("GET", user_path(user))
+    assert status == 200 and data["databases"] == [name]
+    assert server.request("DELETE", user_path(user))[0] == 204
+    status, _, data = server.request("DELETE", db_path(name))
+    assert status == 204 and data is None
+    assert not database_exists(cluster, name) and not role_exists(cluster, user)
+    status, _, data = server.request("GET", db_path(name))
+    assert_error(status, data, 404, "NOT_FOUND")
+    assert data["error"]["details"] == {"database": name}
+
+
+@pytest.mark.parametrize("name", ["", "é" * 32, "a\0b", 5, "a" * 64])
+def test_database_invalid_name_400_nothing_created(server, name):
+    status, _, data = server.request("POST", "databases", {"name": name})
+    assert_error(status, data, 400, "BAD_REQUEST")
+    assert data["error"]["details"]["field"] == "name"
+
+
+def test_database_name_of_63_bytes_kept_exactly(server, cluster):
+    name = "é" * 31 + "x"
+    status, _, data = server.request("POST", "databases", {"name": name})
+    try:
+        assert status == 201 and data["name"] == name
+        assert database_exists(cluster, name)
+    finally:
+        drop_database(server, name)
+
+
+def test_database_delete_with_session_409_then_force_204(server, cluster):
+    assert server.request("POST", "databases", {"name": "busydb"})[0] == 201
+    session = cluster.connect("busydb")
+    try:
+        status, _, data = server.request("DELETE", "databases/busydb")
+        assert_error(status, data, 409, "CONFLICT")
+        assert data["error"]["details"]["connections"] == 1
+        assert database_exists(cluster, "busydb")
+        status, _, data = server.request("GET", "databases/busydb")
+        assert status == 200 and data["connections"] == 1
+        status, _, data = server.request("DELETE", "databases/busydb?force=true")
+        assert status == 204 and data is None
+        assert not database_exists(cluster, "busydb")
+    finally:
+        session.close()
+
+
+def test_database_delete_bad_force_value_400(server):
+    status, _, data = server.request("DELETE", "databases/whatever?force=yes")
+    assert_error(status, data, 400, "BAD_REQUEST")
+    assert data["error"]["details"]["allowed"] == ["true", "false"]
+
+
+@pytest.mark.parametrize("name", ["postgres", "template0", "template1"])
+def test_database_delete_system_403(server, cluster, name):
+    status, _, data = server.request("DELETE", db_path(name) + "?force=true")
+    assert_error(status, data, 403, "FORBIDDEN")
+    assert data["error"]["details"] == {"database": name}
+    assert database_exists(cluster, name)
+
+
+def test_database_create_while_template1_in_use_409_nothing_created(server, cluster):
+    session = cluster.connect("template1")
+    try:
+        status, _, data = server.request("POST", "databases", {"name": "newdb"})
+        assert_error(status, data, 409, "CONFLICT")
+        assert "template1" in data["error"]["message"]
+        assert data["error"]["details"] == {"database": "template1", "connections": 1}
+        assert not database_exists(cluster, "newdb")
+    finally:
+        session.close()
+    status, _, data = server.request("POST", "databases", {"name": "newdb"})
+    assert status == 201, data
+    drop_database(server, "newdb")
+
+
+def test_database_clone_by_template_copies_content(server, cluster):
+    assert server.request("POST", "databases", {"name": "clonesrc"})[0] == 201
+    sql_exec(cluster, "CREATE TABLE t AS SELECT 42 AS i", dbname="clonesrc")
+    try:
+        body = {"name": "clonedst", "template": "clonesrc"}
+        session = cluster.connect("clonesrc")
+        status, _, data = server.request("POST", "databases", body)
+        session.close()
+        assert_error(status, data, 409, "CONFLICT")
+        assert data["error"]["details"] == {"database": "clonesrc", "connections": 1}
+        status, _, data = server.request("POST", "databases", body)
+        assert status == 201 and data["name"] == "clonedst"
+        assert sql_exec(cluster, "SELECT i FROM t", dbname="clonedst") == [(42,)]
+        status, _, data = server.request("POST", "databases", {"name": "x1",
+                                                                 "template": "nosuchdb"})
+        assert_error(status, data, 404, "NOT_FOUND")
+        assert data["error"]["details"] == {"database": "nosuchdb"}
+        assert not database_exists(cluster, "x1")
+    finally:
+        drop_database(server, "clonedst")
+        drop_database(server, "clonesrc")
+
+
+def test_database_missing_owner_404_then_retry_201(server, cluster):
+    body = {"name": "appdb2", "owner": "no_such_role"}
+    status, _, data = server.request("POST", "databases", body)
+    assert_error(status, data, 404, "NOT_FOUND")
+    assert data["error"]["details"] == {"role": "no_such_role"}
+    assert not database_exists(cluster, "appdb2")
+    sql_exec(cluster, "CREATE ROLE no_such_role")
+    try:
+        status, _, data = server.request("POST", "databases", body)
+        assert status == 201 and data["owner"] == "no_such_role"
+    finally:
+        drop_database(server, "appdb2")
+        sql_exec(cluster, "DROP ROLE no_such_role")
+
+
+def test_database_list_sorted_no_templates_with_sizes_and_connections(server, cluster):
+    for name in ("lst_b", "lst_a"):
+        assert server.request("POST", "databases", {"name": name})[0] == 201
+    sessions = [cluster.connect("lst_b") for _ in range(2)]
+    try:
+        status, _, data = server.request("GET", "databases", key="read")
+        assert status == 200
+        names = [d["name"] for d in data["databases"]]
+        assert names == sorted(names, key=lambda n: n.encode())
+        assert "template0" not in names and "template1" not in names
+        by_name = {d["name"]: d for d in data["databases"]}
+        assert by_name["lst_b"]["connections"] == 2 and by_name["lst_a"]["connections"] == 0
+        for db in data["databases"]:
+            assert set(db) == {"name", "owner", "size", "size_bytes", "encoding",
+                               "collation", "connections", "size_as_of"}
+            assert db["size"] == piglet.human_size(db["size_bytes"])
+            assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", db["size_as_of"])
+        assert data["sizes_as_of"] == min(d["size_as_of"] for d in data["databases"])
+    finally:
+        for session in sessions:
+            session.close()
+        drop_database(server, "lst_a")
+        drop_database(server, "lst_b")
+
+
+def test_database_read_key_cannot_create_or_drop(server):
+    status, _, data = server.request("POST", "databases", {"name": "ro"}, key="read")
+    assert_error(status, data, 403, "FORBIDDEN")
+    status, _, data = server.request("DELETE", "databases/postgres", key="read")
+    assert_error(status, data, 403, "FORBIDDEN")
+
+
+def test_database_unknown_body_field_400(server):
+    status, _, data = server.request("POST", "databases", {"name": "z", "ownr": "x"})
+    assert_error(status, data, 400, "BAD_REQUEST")
+    assert data["error"]["details"] == {"field": "ownr"}
+
+
+def test_user_password_with_quotes_logs_in_over_scram(scram_server, scram_cluster):
+    password = "it's \"x\" \\ $$ %s {}"
+    assert scram_server.request("POST", "databases", {"name": "appdb"})[0] == 201
+    status, headers, data = scram_server.request("POST", "users", {
+        "username": "app_user", "password": password, "databases": ["appdb"]})
+    assert status == 201, data
+    assert headers["Location"] == f"{API}/users/app_user"
+    assert data == {"username": "app_user", "superuser": False, "createdb": False,
+                    "login": True, "connection_limit": None, "valid_until": None,
+                    "member_of": [], "databases": ["appdb"]}
+    with scram_cluster.tcp_login("app_user", password, "appdb") as conn:
+        assert conn.execute("SELECT current_user").fetchone() == ("app_user",)
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        scram_cluster.tcp_login("app_user", password + "x", "appdb")
+    stored = sql_exec(scram_cluster, "SELECT rolpassword FROM pg_authid "
+                      "WHERE rolname = 'app_user'")[0][0]
+    assert re.fullmatch(r"SCRAM-SHA-256\$4096:[A-Za-z0-9+/=]{24}\$[A-Za-z0-9+/=]{44}"
+                        r":[A-Za-z0-9+/=]{44}", stored)
+    assert base64_len(stored.split(":")[1].split("$")[0]) == 16
+
+
+def base64_len(text):
+    return len(base64.b64decode(text))
+
+
+@pytest.mark.parametrize("password", ["Pässwörd\u00a0\u2168-x", "ｆｕｌｌｗｉｄｔｈ",
+                                      "é" * 1024, "\u05d0\u05d1\u05d2\u05d3\u05d4abcd"])
+def test_user_non_ascii_password_logs_in(scram_server, scram_cluster, password):
+    """SASLprep must match libpq's, including its fallback for prohibited input."""
+    name = "nonascii_" + str(abs(hash(password)) % 10000)
+    status, _, data = scram_server.request("POST", "users", {"username": name,
+                                                              "password": password})
+    assert status == 201, data
+    try:
+        with scram_cluster.tcp_login(name, password) as conn:
+            assert conn.execute("SELECT current_user").fetchone() == (name,)
+    finally:
+        assert scram_server.request("DELETE", user_path(name))[0] == 204
+
+
+@pytest.mark.parametrize("password", ["plain-ascii-pw", "Pässwörd\u00a0\u2168-x",
+                                      "\u00ad\u00adcafé\u0301", "\u05d0abc\u05d1"])
+def test_scram_verifier_matches_postgres_own(cluster, password):
+    """Same salt, same verifier as PostgreSQL computes from the plain text."""
+    with cluster.connect() as conn:
+        conn.execute("SET password_encryption = 'scram-sha-256'")
+        conn.execute("CREATE ROLE verifier_check")
+        try:
+            conn.execute(psycopg.sql.SQL("ALTER ROLE verifier_check PASSWORD {}").format(
+                psycopg.sql.Literal(password)))
+            stored = conn.execute("SELECT rolpassword FROM pg_authid "
+                                  "WHERE rolname = 'verifier_check'").fetchone()[0]
+        finally:
+            conn.execute("DROP ROLE verifier_check")
+    salt = base64.b64decode(stored.split(":")[1].split("$")[0])
+    assert piglet.scram_verifier(password, salt=salt) == stored
+
+
+def test_user_missing_database_404_no_role_left(server, cluster):
+    status, _, data = server.request("POST", "users", {
+        "username": "app_user", "password": "long-enough", "databases": ["missing_db"]})
+    assert_error(status, data, 404, "NOT_FOUND")
+    assert data["error"]["details"] == {"database": "missing_db"}
+    assert not role_exists(cluster, "app_user")
+
+
+def test_user_granted_database_can_create_table_in_public(server, cluster):
+    assert server.request("POST", "databases", {"name": "grantdb"})[0] == 201
+    try:
+        status, _, data = server.request("POST", "users", {
+            "username": "grant_user", "password": "long-enough", "databases": ["grantdb"]})
+        assert status == 201 and data["databases"] == ["grantdb"]
+        privileges = sql_exec(cluster, """
+            SELECT has_database_privilege('grant_user', 'grantdb', 'CONNECT'),
+                   has_database_privilege('grant_user', 'grantdb', 'TEMPORARY'),
+                   has_schema_privilege('grant_user', 'public', 'USAGE'),
+                   has_schema_privilege('grant_user', 'public', 'CREATE')""",
+                              dbname="grantdb")
+        assert privileges == [(True, True, True, True)]
+        with cluster.connect("grantdb", user="grant_user") as conn:
+            conn.execute("CREATE TABLE t(i int)")
+            conn.execute("INSERT INTO t VALUES (1)")
+        status, _, data = server.request("DELETE", "users/grant_user")
+        assert_error(status, data, 409, "CONFLICT")
+        assert data["error"]["details"] == {"username": "grant_user",
+                                            "owns_objects_in": ["grantdb"]}
+        assert sql_exec(cluster, "SELECT i FROM t", dbname="grantdb") == [(1,)]
+        sql_exec(cluster, "DROP TABLE t", dbname="grantdb")
+        assert server.request("DELETE", "users/grant_user")[0] == 204
+        assert not role_exists(cluster, "grant_user")
+    finally:
+        drop_database(server, "grantdb")
+
+
+def test_user_canary_password_never_logged(scram_server, scram_cluster):
+    canary = "Canary-7f3a9"
+    body = {"username": "canary_user", "password": canary}
+    replies = [scram_server.request("POST", "users", body) for _ in range(2)]
+    assert replies[0][0] == 201 and replies[1][0] == 409
+    assert_error(replies[1][0], replies[1][2], 409, "CONFLICT")
+    with scram_cluster.tcp_login("canary_user", canary) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    patch = scram_server.request("PATCH", "users/canary_user", {"password": canary + "!"})
+    assert patch[0] == 200
+    pg_log = scram_cluster.log()
+    assert "canary_user" in pg_log and "SCRAM-SHA-256$4096:" in pg_log  # it did log
+    for text in (pg_log, scram_server.log(), *(json.dumps(r[2]) for r in replies),
+                 json.dumps(patch[2]), str(replies[0][1]), str(replies[1][1])):
+        assert canary not in text
+    assert scram_server.request("DELETE", "users/canary_user")[0] == 204
+
+
+def test_user_duplicate_409_then_list_databases_200(server, cluster):
+    body = {"username": "dup_user", "password": "long-enough"}
+    assert server.request("POST", "users", body)[0] == 201
+    try:
+        conn = server.connection()
+        status, _, data = server.request("POST", "users", body, conn=conn)
+        assert_error(status, data, 409, "CONFLICT")
+        assert data["error"]["details"] == {"username": "dup_user"}
+        status, _, data = server.request("GET", "databases", conn=conn)
+        assert status == 200 and "postgres" in [d["name"] for d in data["databases"]]
+        conn.close()
+    finally:
+        assert server.request("DELETE", "users/dup_user")[0] == 204
+
+
+@pytest.mark.parametrize("body,field", [
+    ({"username": "pg_mine", "password": "long-enough"}, "username"),
+    ({"username": "public", "password": "long-enough"}, "username"),
+    ({"username": "x" * 64, "password": "long-enough"}, "username"),
+    ({"username": "ok_user", "password": "short"}, "password"),
+    ({"username": "ok_user", "password": "x" * 1025}, "password"),
+    ({"username": "ok_user", "password": "é" * 1025}, "password"),
+    ({"username": "ok_user", "password": "lone-\ud800-surrogate"}, "password"),
+    ({"username": "ok_user", "password": "has\u0000nul-inside"}, "password"),
+    ({"username": "ok_user", "password": "long-enough", "connection_limit": -2},
+     "connection_limit"),
+    ({"username": "ok_user", "password": "long-enough", "valid_until": "tomorrow"},
+     "valid_until"),
+    ({"username": "ok_user", "password": "long-enough", "valid_until": "2030-01-01T00:00"},
+     "valid_until"),
+    ({"username": "ok_user", "password": "long-enough", "databases": [""]}, "databases"),
+])
+def test_user_invalid_fields_400_nothing_created(server, cluster, body, field):
+    status, _, data = server.request("POST", "users", body)
+    assert_error(status, data, 400, "BAD_REQUEST")
+    assert data["error"]["details"]["field"] == field
+    assert body["password"] not in json.dumps(data)
+    assert not role_exists(cluster, body["username"])
+
+
+def test_user_password_of_1024_ascii_accepted(server):
+    body = {"username": "long_pw", "password": "p" * 1024}
+    assert server.request("POST", "users", body)[0] == 201
+    assert server.request("DELETE", "users/long_pw")[0] == 204
+
+
+def test_user_list_and_get_hide_pg_roles(server, cluster):
+    status, _, data = server.request("GET", "users", key="read")
+    assert status == 200
+    names = [u["username"] for u in data["users"]]
+    assert "postgres" in names and not any(n.startswith("pg_") for n in names)
+    postgres = next(u for u in data["users"] if u["username"] == "postgres")
+    assert postgres["superuser"] is True and postgres["login"] is True
+    assert "postgres" in postgres["databases"]  # owner of it
+    status, _, data = server.request("GET", "users/pg_monitor")
+    assert_error(status, data, 404, "NOT_FOUND")
+    status, _, data = server.request("GET", "users/nobody_here")
+    assert_error(status, data, 404, "NOT_FOUND")
+    assert data["error"]["details"] == {"username": "nobody_here"}
+
+
+def test_user_patch_replaces_databases_and_attributes(server, cluster):
+    for name in ("patch_a", "patch_b"):
+        assert server.request("POST", "databases", {"name": name})[0] == 201
+    sql_exec(cluster, "CREATE ROLE patch_group")
+    try:
+        body = {"username": "patch_user", "password": "long-enough",
+                "databases": ["patch_a"], "createdb": True, "connection_limit": 3,
+                "valid_until": "2031-02-03T04:05:06+01:00"}
+        status, _, data = server.request("POST", "users", body)
+        assert status == 201
+        assert data["createdb"] is True and data["connection_limit"] == 3
+        assert data["valid_until"] == "2031-02-03T03:05:06Z"
+        sql_exec(cluster, "GRANT patch_group TO patch_user")
+        old = sql_exec(cluster, "SELECT rolpassword FROM pg_authid "
+                       "WHERE rolname = 'patch_user'")
+        status, _, data = server.request("PATCH", "users/patch_user", {
+            "databases": ["patch_b"], "createdb": False, "connection_limit": None,
+            "valid_until": None, "password": "another-one"})
+        assert status == 200, data
+        assert data == {"username": "patch_user", "superuser": False, "createdb": False,
+                        "login": True, "connection_limit": None, "valid_until": None,
+                        "member_of": ["patch_group"], "databases": ["patch_b"]}
+        assert sql_exec(cluster, "SELECT rolpassword FROM pg_authid "
+                        "WHERE rolname = 'patch_user'") != old
+        for db, want in (("patch_a", False), ("patch_b", True)):
+            assert sql_exec(cluster, """
+                SELECT has_schema_privilege('patch_user', 'public', 'CREATE'),
+                       EXISTS (SELECT 1 FROM pg_database d, aclexplode(d.datacl) a
+                                WHERE d.datname = current_database()
+                                  AND a.grantee = 'patch_user'::regrole)""",
+                            dbname=db) == [(want, want)]
+        status, _, data = server.request("PATCH", "users/patch_user", {"databases": ["nope"]})
+        assert_error(status, data, 404, "NOT_FOUND")
+        assert server.request("GET", "users/patch_user")[2]["databases"] == ["patch_b"]
+        assert server.request("DELETE", "users/patch_user")[0] == 204
+    finally:
+        sql_exec(cluster, "DROP ROLE IF EXISTS patch_user")
+        sql_exec(cluster, "DROP ROLE patch_group")
+        drop_database(server, "patch_a")
+        drop_database(server, "patch_b")
+
+
+def test_user_delete_protected_403(server, cluster):
+    status, _, data = server.request("DELETE", "users/postgres")  # Piglet's own role
+    assert_error(status, data, 403, "FORBIDDEN")
+    status, _, data = server.request("PATCH", "users/postgres", {"createdb": True})
+    assert_error(status, data, 403, "FORBIDDEN")
+    sql_exec(cluster, "CREATE ROLE other_super SUPERUSER")
+    try:
+        status, _, data = server.request("DELETE", "users/other_super")
+        assert_error(status, data, 403, "FORBIDDEN")
+        assert role_exists(cluster, "other_super")
+    finally:
+        sql_exec(cluster, "DROP ROLE other_super")
+
+
+def test_user_delete_owner_of_database_409(server, cluster):
+    assert server.request("POST", "users", {"username": "owner_user",
+                                            "password": "long-enough"})[0] == 201
+    body = {"name": "owned_db", "owner": "owner_user"}
+    assert server.request("POST", "databases", body)[0] == 201
+    status, _, data = server.request("DELETE", "users/owner_user")
+    assert_error(status, data, 409, "CONFLICT")
+    assert data["error"]["details"] == {"username": "owner_user", "databases": ["owned_db"]}
+    assert role_exists(cluster, "owner_user")
+    drop_database(server, "owned_db")
+    assert server.request("DELETE", "users/owner_user")[0] == 204
+    assert not role_exists(cluster, "owner_user")
+
+
+def test_databases_and_users_postgres_down_503_then_back(fresh_cluster, make_server):
+    server = make_server(fresh_cluster)
+    assert server.request("GET", "databases")[0] == 200
+    assert server.request("GET", "users")[0] == 200
+    fresh_cluster.stop()
+    requests = [("GET", "databases", None), ("GET", "databases/postgres", None),
+                ("POST", "databases", {"name": "down_db"}), ("GET", "users", None),
+                ("POST", "users", {"username": "down_user", "password": "long-enough"}),
+                ("DELETE", "users/down_user", None)]
+    for method, path, body in requests:
+        status, _, data = server.request(method, path, body)
+        assert_error(status, data, 503, "UNAVAILABLE")
+        assert data["error"]["details"]["dependency"] == "postgres"
+    fresh_cluster.start()
+    for path in ("databases", "users", "databases", "users"):
+        assert server.request("GET", path)[0] == 200
+    status, _, data = server.request("POST", "databases", {"name": "down_db"})
+    assert status == 201, data
+    fresh_cluster.stop()  # a restart with no request meanwhile: pooled sessions are stale
+    fresh_cluster.start()
+    for path in ("databases", "users", "databases/down_db", "users/postgres") * 3:
+        status, _, data = server.request("GET", path)
+        assert status == 200, data
+
+
+def test_user_failed_grant_leaves_nothing_then_retry_201(server, cluster):
+    """A grant refused in the second database undoes the first and the role."""
+    for name in ("okdb", "trapdb"):
+        assert server.request("POST", "databases", {"name": name})[0] == 201
+    sql_exec(cluster, """
+        CREATE FUNCTION no_grants() RETURNS event_trigger LANGUAGE plpgsql
+            AS $$BEGIN RAISE EXCEPTION 'grants refused here'; END$$;
+        CREATE EVENT TRIGGER no_grants ON ddl_command_start WHEN TAG IN ('GRANT')
+            EXECUTE FUNCTION no_grants()""", dbname="trapdb")
+    body = {"username": "trap_user", "password": "long-enough",
+            "databases": ["okdb", "trapdb"]}
+    try:
+        status, _, data = server.request("POST", "users", body)
+        assert_error(status, data, 500, "INTERNAL_ERROR")
+        assert not role_exists(cluster, "trap_user")
+        assert sql_exec(cluster, "SELECT nspacl::text FROM pg_namespace "
+                        "WHERE nspname = 'public'", dbname="okdb")[0][0].count("=") == 2
+        sql_exec(cluster, "DROP EVENT TRIGGER no_grants", dbname="trapdb")
+        status, _, data = server.request("POST", "users", body)
+        assert status == 201 and data["databases"] == ["okdb", "trapdb"]
+        assert server.request("DELETE", "users/trap_user")[0] == 204
+    finally:
+        drop_database(server, "okdb")
+        drop_database(server, "trapdb")
+
+
+def test_user_database_refusing_connections_409_no_role(server, cluster):
+    assert server.request("POST", "databases", {"name": "closeddb"})[0] == 201
+    sql_exec(cluster, "ALTER DATABASE closeddb ALLOW_CONNECTIONS false")
+    try:
+        status, _, data = server.request("POST", "users", {
+            "username": "closed_user", "password": "long-enough", "databases": ["closeddb"]})
+        assert_error(status, data, 409, "CONFLICT")
+        assert data["error"]["details"] == {"database": "closeddb"}
+        assert not role_exists(cluster, "closed_user")
+    finally:
+        drop_database(server, "closeddb")
