@@ -1093,3 +1093,235 @@ def test_systemd_postgres_as_debian_meta_unit_judged_by_connecting(
     data = wait_until(lambda: (d := server.request("GET", "status")[2])["status"]
                       == "healthy" and d, 10, "healthy status")
     assert data["services"] == {"postgres": "running"}
+
+
+SLOW_UNIT = """[Service]
+# about a second in activating and in deactivating: replies must wait for it
+ExecStartPre=/bin/sleep 1
+ExecStart=/bin/sleep infinity
+ExecStop=/bin/sleep 1
+"""
+BROKEN_UNIT = """[Service]
+Type=oneshot
+ExecStart=/bin/false
+"""
+
+
+def test_systemd_unit_actions_reply_after_settling(systemd, cluster, make_ns_server):
+    systemd.add_unit("piglet-test-slow.service", SLOW_UNIT)
+    server = make_ns_server(cluster, {"slow": {"unit": "piglet-test-slow", "port": 1}})
+    status, _, data = server.request("POST", "services/slow/start")
+    assert status == 200, data
+    assert (data["status"], data["active_state"], data["sub_state"]) == (
+        "running", "active", "running")
+    first_pid = data["pid"]
+    assert first_pid == int(systemd.show("piglet-test-slow", "MainPID")["MainPID"])
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", data["since"])
+    status, _, data = server.request("POST", "services/slow/restart")
+    assert (status, data["status"]) == (200, "running")
+    assert data["pid"] not in (None, first_pid)
+    status, _, data = server.request("POST", "services/slow/stop")
+    assert (status, data["status"], data["active_state"], data["pid"]) == (
+        200, "stopped", "inactive", None)
+
+
+def test_systemd_unit_failing_to_start_409_with_status(systemd, cluster, make_ns_server):
+    systemd.add_unit("piglet-test-broken.service", BROKEN_UNIT)
+    server = make_ns_server(cluster, {"broken": {"unit": "piglet-test-broken"},
+                                      "jupyter": {"unit": "jupyter"}})
+    status, _, data = server.request("POST", "services/broken/start")
+    assert_error(status, data, 409, "CONFLICT")
+    assert data["error"]["details"] == {"service": "broken", "action": "start",
+                                        "status": "failed", "load_state": "loaded"}
+    assert "piglet-test-broken" in data["error"]["message"]
+    status, _, data = server.request("GET", "services/broken")
+    assert (status, data["status"], data["enabled"]) == (200, "failed", False)
+    status, _, data = server.request("POST", "services/jupyter/start")
+    assert_error(status, data, 409, "CONFLICT")
+    assert data["error"]["details"]["load_state"] == "not-found"
+
+
+@pytest.mark.skipif(os.path.isdir("/run/systemd/system"), reason="systemd runs on this host")
+def test_services_units_without_systemd_503_status_still_answers(cluster, make_server):
+    server = make_server(cluster, services={"postgres": cluster.service_entry(),
+                                            "jupyter": {"unit": "jupyter", "port": 8888}})
+    for method, route in (("GET", "services"), ("GET", "services/jupyter"),
+                          ("POST", "services/jupyter/start")):
+        status, _, data = server.request(method, route)
+        assert_error(status, data, 503, "UNAVAILABLE")
+        assert data["error"]["details"] == {"dependency": "systemd"}
+    status, _, data = server.request("GET", "services/postgres")
+    assert (status, data["status"]) == (200, "running")
+    status, _, data = server.request("GET", "status")
+    assert status == 200
+    assert (data["status"], data["services"]) == (
+        "degraded", {"postgres": "running", "jupyter": "unknown"})
+
+
+# What install.sh creates for Piglet itself; the end-to-end test removes
+# each of these that did not exist before it ran.
+INSTALLED_PIGLET = ("/etc/systemd/system/piglet.service",
+                    "/etc/systemd/system/piglet.service.d",
+                    "/etc/systemd/system/multi-user.target.wants/piglet.service",
+                    "/etc/piglet", "/usr/local/lib/piglet", "/var/lib/piglet",
+                    "/run/piglet.pid", "/var/log/piglet.log")
+# Any of these means Piglet is installed here: the test would replace it.
+INSTALL_MARKS = ("/etc/piglet/piglet.json", "/etc/systemd/system/piglet.service",
+                 "/usr/local/lib/piglet")
+INSTALLED_PORT = 8910   # install.sh's config
+SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def install_target_cluster():
+    """The cluster install.sh picks (newest version, its first cluster) as
+    {ver, name, port, status, data}, or None without one."""
+    try:
+        out = subprocess.run(["pg_lsclusters", "-h"], capture_output=True, text=True,
+                             timeout=30, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    rows = [line.split() for line in out.splitlines() if line.strip()]
+    if not rows:
+        return None
+    # sorted() is stable in reverse too: pg_lsclusters order within a version.
+    rows.sort(key=lambda r: [int(x) for x in r[0].split(".")], reverse=True)
+    ver, name, port, status, _, data = rows[0][:6]
+    return {"ver": ver, "name": name, "port": int(port), "status": status, "data": data}
+
+
+def port_in_use(port):
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.fixture
+def install_host():
+    """The host facts the end-to-end test relies on, or a skip saying why not."""
+    if not IS_ROOT:
+        pytest.skip("install.sh needs root")
+    installed = [p for p in INSTALL_MARKS if os.path.lexists(p)]
+    if installed:
+        pytest.skip(f"Piglet is installed on this host ({', '.join(installed)}): "
+                    "the test would replace that installation")
+    target = install_target_cluster()
+    if target is None:
+        pytest.skip("no PostgreSQL cluster (pg_lsclusters): install.sh would create one")
+    cluster = f"{target['ver']}/{target['name']}"
+    if target["status"] != "down" or os.path.exists(f"{target['data']}/postmaster.pid"):
+        pytest.skip(f"cluster {cluster}, which install.sh would use, is not down "
+                    f"({target['status']}); it must not run on both sides")
+    for port in (target["port"], INSTALLED_PORT):
+        if port_in_use(port):
+            pytest.skip(f"port {port} on 127.0.0.1 is in use")
+    target["unit"] = f"postgresql@{target['ver']}-{target['name']}"
+    target["existed"] = {p for p in INSTALLED_PIGLET if os.path.lexists(p)}
+    return target
+
+
+class InstalledPiglet:
+    """The API of the Piglet that install.sh started, with the key it printed."""
+
+    read_key = None
+    connection = Server.connection
+    request = Server.request
+
+    def __init__(self, port, admin_key):
+        self.port, self.admin_key = port, admin_key
+
+    def status(self):
+        status, _, data = self.request("GET", "status")
+        assert status == 200, data
+        return data
+
+
+def run_install_sh(systemd):
+    """install.sh as a user runs it (sudo's PATH, no PIGLET_* overrides);
+    the admin key it printed."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIGLET_")}
+    result = systemd.run("/bin/bash", os.path.join(HERE, "install.sh"), timeout=600,
+                         check=False, env=dict(env, PATH=SYSTEM_PATH))
+    assert result.returncode == 0, result.stdout + result.stderr
+    found = re.search(r"Admin API key \(shown only now[^\n]*\n\s+(\S+)", result.stdout)
+    assert found, result.stdout
+    return found.group(1)
+
+
+def remove_piglet_install(systemd, host):
+    """Undo install.sh's Piglet files; leave the cluster stopped."""
+    # Inside: stop both; disable removes the host's wants symlink.
+    systemd.run("systemctl", "disable", "--now", "piglet.service", check=False)
+    systemd.run("systemctl", "stop", host["unit"], check=False, timeout=120)
+    for path in INSTALLED_PIGLET:
+        if path in host["existed"] or not os.path.lexists(path):
+            continue
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
+    systemd.run("systemctl", "daemon-reload", check=False)
+
+
+def check_postgres_actions(systemd, api, unit):
+    """Restart, stop and start PostgreSQL through the API; the unit agrees."""
+    before = api.request("GET", "services/postgres")[2]
+    assert (before["status"], before["unit"]) == ("running", unit), before
+    status, _, data = api.request("POST", "services/postgres/restart")
+    assert (status, data["status"]) == (200, "running"), data
+    assert data["pid"] not in (None, before["pid"])
+    assert data["pid"] == int(systemd.show(unit, "MainPID")["MainPID"])
+    assert api.status()["status"] == "healthy"
+    status, _, data = api.request("POST", "services/postgres/stop")
+    assert (status, data["status"], data["pid"]) == (200, "stopped", None), data
+    assert systemd.show(unit, "ActiveState") == {"ActiveState": "inactive"}
+    assert (api.status()["status"], api.status()["services"]["postgres"]) == (
+        "unhealthy", "stopped")
+    status, _, data = api.request("POST", "services/postgres/start")
+    assert (status, data["status"]) == (200, "running"), data
+    assert api.status()["status"] == "healthy"
+
+
+def check_restart_after_kill(systemd, api):
+    """kill -9 of Piglet's main process: systemd starts it again."""
+    before = systemd.show("piglet.service", "MainPID", "NRestarts")
+    systemd.run("kill", "-9", before["MainPID"])
+
+    def restarted():
+        now = systemd.show("piglet.service", "MainPID", "NRestarts", "ActiveState")
+        return (now["ActiveState"] == "active" and now["MainPID"] not in ("0", before["MainPID"])
+                and int(now["NRestarts"]) == int(before["NRestarts"]) + 1 and now)
+    wait_until(restarted, 30, "restart of piglet.service")
+    assert api.status()["status"] == "healthy"
+
+
+def test_install_sh_under_systemd_end_to_end(install_host, systemd):
+    """What a user does: install.sh, then the API drives PostgreSQL's unit.
+
+    Runs only as root, only when systemd boots in a namespace, only without
+    an existing Piglet installation and only while the cluster install.sh
+    picks is down (it runs inside the namespace, never on both sides).
+    Afterwards Piglet's own files are removed (unit, wants symlink,
+    /etc/piglet, /usr/local/lib/piglet, /var/lib/piglet, pid and log file)
+    and the cluster is stopped again. What install.sh set up in PostgreSQL
+    and around it stays, as it would for a reinstall: apt packages, the role
+    piglet, its pg_hba.conf and pg_ident.conf lines, the archive settings,
+    /etc/pgbackrest/pgbackrest.conf and the pgBackRest stanza.
+    """
+    try:
+        key = run_install_sh(systemd)
+        assert systemd.show("piglet.service", "ActiveState", "UnitFileState") == {
+            "ActiveState": "active", "UnitFileState": "enabled"}
+        with open("/etc/piglet/piglet.json") as handle:
+            config = json.load(handle)
+        assert config["services"]["postgres"]["unit"] == install_host["unit"]
+        api = InstalledPiglet(INSTALLED_PORT, key)
+        assert api.status()["status"] == "healthy"
+        check_postgres_actions(systemd, api, install_host["unit"])
+        check_restart_after_kill(systemd, api)
+        verify = systemd.run("systemd-analyze", "verify", "piglet.service", check=False)
+        assert (verify.returncode, verify.stdout + verify.stderr) == (0, "")
+        security = systemd.run("systemd-analyze", "security", "--no-pager",
+                               "piglet.service", check=False).stdout
+        print("\n".join(line for line in security.splitlines() if "exposure" in line))
+    finally:
+        remove_piglet_install(systemd, install_host)
+    assert not os.path.exists(f"{install_host['data']}/postmaster.pid")
