@@ -24,6 +24,9 @@ Known limitations:
 - The rate limiter and the last-used times of keys live in memory; a
   restart refills every bucket and last-used times are flushed to the keys
   file at most once a minute.
+- Service actions run one at a time: a unit that is slow to settle holds
+  the others back for up to SERVICE_ACTION_TIMEOUT. The check that no job
+  runs before PostgreSQL is stopped is not atomic with a job starting.
 """
 
 import argparse

@@ -837,6 +837,7 @@ def systemd_skip_reason():
 
 @contextlib.contextmanager
 def systemd_lock():
+    os.makedirs(os.path.dirname(SYSTEMD_LOCK), exist_ok=True)
     with open(SYSTEMD_LOCK, "a") as handle:
         deadline = time.monotonic() + SYSTEMD_LOCK_WAIT
         while True:
@@ -915,15 +916,19 @@ class NamespaceSystemd:
         self.run("systemctl", "daemon-reload")
 
     def halt(self):
-        if self.pid is not None and self.proc.poll() is None:
-            os.kill(self.pid, signal.SIGRTMIN + 3)   # systemd's "halt"
+        init = self.pid or child_pid(self.proc.pid)
+        if self.proc.poll() is None:
+            if self.pid is not None:
+                os.kill(self.pid, signal.SIGRTMIN + 3)   # systemd's "halt"
+            elif init is not None:
+                os.kill(init, signal.SIGKILL)   # the boot never got that far
+            else:
+                self.proc.kill()
         try:
             self.proc.wait(timeout=SYSTEMD_HALT_WAIT)
         except subprocess.TimeoutExpired:
             # Killing a PID namespace's init kills everything in it.
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            if self.pid is not None:
-                os.kill(self.pid, signal.SIGKILL)
+            os.kill(init, signal.SIGKILL)
             self.proc.wait(timeout=30)
         self.console.close()
 
