@@ -27,6 +27,9 @@ Known limitations:
 - The rate limiter and the last-used times of keys live in memory; a
   restart refills every bucket and last-used times are flushed to the keys
   file at most once a minute.
+- Service actions run one at a time: a unit that is slow to settle holds
+  the others back for up to SERVICE_ACTION_TIMEOUT. The check that no job
+  runs before PostgreSQL is stopped is not atomic with a job starting.
 """
 
 import argparse
@@ -83,7 +86,9 @@ POOL_WAIT_SECONDS = 5          # waiting for a pooled PostgreSQL connection
 HEALTH_CACHE_SECONDS = 1.0     # /status reuses a PostgreSQL probe this long
 HEALTH_CONNECT_TIMEOUT = 2     # the probe's own connection attempt
 SERVICE_CACHE_SECONDS = 2.0    # and a service state reading this long
-SERVICE_ACTION_TIMEOUT = 120   # start/stop/restart of one unit
+SERVICE_ACTION_TIMEOUT = 120   # start/stop/restart of one unit, until it settles
+SERVICE_POLL_SECONDS = 0.2     # how often a settling unit is looked at
+POSTGRES_READY_SECONDS = 15    # after its unit started, PostgreSQL must answer within this
 SUBPROCESS_TIMEOUT = 30        # short helper commands (systemctl show)
 STATUS_COMMAND_TIMEOUT = 5     # a service's own status command
 KEY_FLUSH_SECONDS = 60         # last_used_at is written back this often
@@ -333,6 +338,9 @@ NULLABLE_STRINGS = {"tls.cert", "tls.key"}
 SERVICE_FIELDS = {"unit": str, "port": int, "start": list, "stop": list,
                   "status": list, "user": str}
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+# systemd.unit(5) name characters; systemctl would silently escape others and
+# then ask about a different unit.
+UNIT_NAME_RE = re.compile(r"^[A-Za-z0-9:_.\\@][A-Za-z0-9:_.\\@-]{0,254}$")
 
 
 def type_name(kind):
@@ -390,6 +398,8 @@ def check_services(services):
                                   "non-empty list of non-empty strings")
         if "user" in entry:
             check_os_user(f"{field}.user", entry["user"])
+        if "unit" in entry and not UNIT_NAME_RE.match(entry["unit"]):
+            raise ConfigError(f"config field {field + '.unit'!r}: invalid systemd unit name")
         if ("unit" in entry) == ("status" in entry):
             raise ConfigError(f"config field {field!r} needs either 'unit' or "
                               "'start', 'stop' and 'status'")
@@ -777,11 +787,19 @@ class Database:
 # ---------------------------------------------------------------------------
 
 SERVICE_ACTIONS = ("start", "stop", "restart")
+# systemctl status's "since": the timestamp of entering the current state.
+SINCE_PROPERTY = {"active": "ActiveEnterTimestamp", "reloading": "ActiveEnterTimestamp",
+                  "inactive": "InactiveEnterTimestamp", "failed": "InactiveEnterTimestamp",
+                  "activating": "InactiveExitTimestamp",
+                  "deactivating": "ActiveExitTimestamp"}
 SYSTEMD_PROPERTIES = ("Id", "LoadState", "ActiveState", "SubState", "MainPID",
-                      "ActiveEnterTimestamp", "UnitFileState")
+                      "UnitFileState", "Result", "Job", *sorted(set(SINCE_PROPERTY.values())))
 ACTIVE_STATE_STATUS = {"active": "running", "reloading": "running", "inactive": "stopped",
                        "failed": "failed", "activating": "starting",
                        "deactivating": "stopping"}
+# A unit has settled when no job is queued for it and it is in one of these.
+SETTLED_STATES = ("active", "inactive", "failed")
+ENABLED_STATES = ("enabled", "enabled-runtime", "linked", "linked-runtime", "alias")
 
 
 def systemd_running():
@@ -790,14 +808,33 @@ def systemd_running():
 
 
 def systemctl(*args, timeout=SUBPROCESS_TIMEOUT):
+    """Run systemctl; 503 when there is no systemd to ask.
+
+    A timeout raises subprocess.TimeoutExpired: what it means depends on the
+    command (a hung `show` is an unreachable systemd, a slow `start` is not).
+    """
     if not systemd_running():
         raise Unavailable("systemd is not running on this host", "systemd")
     try:
         return run_command(["systemctl", *args], timeout=timeout)
     except FileNotFoundError:
         raise Unavailable("systemctl is not installed", "systemd") from None
+
+
+def systemctl_show(units, properties=SYSTEMD_PROPERTIES):
+    """One property dict per unit, in the order asked, from one systemctl call."""
+    try:
+        result = systemctl("show", "--timestamp=unix", "-p", ",".join(properties),
+                           "--", *units)
     except subprocess.TimeoutExpired:
-        raise Unavailable(f"systemctl {args[0]} timed out", "systemd") from None
+        raise Unavailable("systemctl show timed out", "systemd") from None
+    blocks = parse_systemctl_show(result.stdout)
+    # systemctl prints one block per name, in order (aliases under their real
+    # Id); anything else means it could not talk to systemd.
+    if result.returncode != 0 or len(blocks) != len(units):
+        raise Unavailable(f"systemctl show failed: {result.stderr.strip()[:300]}",
+                          "systemd")
+    return blocks
 
 
 def parse_systemctl_show(text):
@@ -822,19 +859,20 @@ def systemd_timestamp(value):
 
 
 def systemd_service_object(name, entry, props):
+    """The contract's fields, plus systemd's own states (LoadState first:
+    a unit that is not installed reads `unknown`, never `stopped`)."""
     load_state = props.get("LoadState", "")
-    status = ACTIVE_STATE_STATUS.get(props.get("ActiveState"), "unknown")
-    if load_state != "loaded":
-        status = "unknown"
+    active_state = props.get("ActiveState", "")
+    loaded = load_state == "loaded"
     pid = int(props.get("MainPID") or 0)
-    service = {"name": name, "status": status, "port": entry.get("port"),
-               "unit": entry["unit"],
-               "enabled": props.get("UnitFileState") in ("enabled", "enabled-runtime"),
-               "pid": pid or None,
-               "since": systemd_timestamp(props.get("ActiveEnterTimestamp", "")),
-               "load_state": load_state, "active_state": props.get("ActiveState"),
-               "sub_state": props.get("SubState")}
-    return service
+    status = ACTIVE_STATE_STATUS.get(active_state, "unknown") if loaded else "unknown"
+    return {"name": name, "port": entry.get("port"), "unit": entry["unit"],
+            "status": status,
+            "enabled": props.get("UnitFileState") in ENABLED_STATES if loaded else None,
+            "pid": pid or None,
+            "since": systemd_timestamp(props.get(SINCE_PROPERTY.get(active_state), "")),
+            "load_state": load_state, "active_state": active_state,
+            "sub_state": props.get("SubState")}
 
 
 def command_service_object(name, entry):
@@ -844,10 +882,24 @@ def command_service_object(name, entry):
                            timeout=STATUS_COMMAND_TIMEOUT).returncode
         status = {0: "running", 3: "stopped", 4: "unknown"}.get(code, "failed")
     except (OSError, subprocess.SubprocessError, KeyError) as exc:
+        # KeyError: the configured user does not exist (any more).
         log.warning("status command of service %s failed: %s", name, exc)
         status = "unknown"
     return {"name": name, "status": status, "port": entry.get("port"), "unit": None,
             "enabled": None, "pid": None, "since": None}
+
+
+def is_settled(props):
+    return not props.get("Job") and props.get("ActiveState") in SETTLED_STATES
+
+
+def wait_until_settled(unit, deadline):
+    """Poll the unit until it settles; its last properties either way."""
+    while True:
+        props = systemctl_show([unit])[0]
+        if is_settled(props) or time.monotonic() >= deadline:
+            return props
+        time.sleep(SERVICE_POLL_SECONDS)
 
 
 class Services:
@@ -866,10 +918,16 @@ class Services:
         return self.entries[name]
 
     def _read_all(self):
+        """({name: object}, the Unavailable error when systemd could not be asked)."""
         units = {n: e for n, e in self.entries.items() if "unit" in e}
-        found = {}
+        found, error = {}, None
         if units:
-            found.update(self._read_systemd(units))
+            try:
+                blocks = systemctl_show([e["unit"] for e in units.values()])
+            except Unavailable as exc:
+                blocks, error = [{}] * len(units), exc
+            for (name, entry), props in zip(units.items(), blocks):
+                found[name] = systemd_service_object(name, entry, props)
         # Status commands run side by side, so one slow command costs its own
         # timeout once, not once per service.
         threads = [threading.Thread(target=lambda n=n, e=e: found.update(
@@ -879,34 +937,19 @@ class Services:
             thread.start()
         for thread in threads:
             thread.join()
+        return {n: found[n] for n in self.entries}, error
+
+    def all(self, strict=True):
+        """Every service; 503 if one is a unit and systemd cannot be asked,
+        unless not strict (/status reports those as `unknown`)."""
+        found, error = self._cache.get()
+        if error is not None and strict:
+            raise Unavailable(error.message, "systemd")
         return found
 
-    def _read_systemd(self, units):
-        # One systemctl call for every unit: a process per unit per request is
-        # what makes status endpoints slow.
-        try:
-            result = systemctl("show", "--timestamp=unix",
-                               "-p", ",".join(SYSTEMD_PROPERTIES),
-                               *[e["unit"] for e in units.values()])
-        except Unavailable:
-            return {n: dict(systemd_service_object(n, e, {}), load_state="no-systemd")
-                    for n, e in units.items()}
-        blocks = parse_systemctl_show(result.stdout)
-        by_unit = {b.get("Id"): b for b in blocks}
-        objects = {}
-        for index, (name, entry) in enumerate(units.items()):
-            props = by_unit.get(entry["unit"])
-            if props is None and index < len(blocks):
-                props = blocks[index]  # aliases report their real Id
-            objects[name] = systemd_service_object(name, entry, props or {})
-        return objects
-
-    def all(self):
-        return self._cache.get()
-
     def get(self, name):
-        self.entry(name)
-        return self.all()[name]
+        entry = self.entry(name)
+        return self.all(strict="unit" in entry)[name]
 
     def act(self, name, action):
         """Run start/stop/restart and return the settled service object."""
@@ -918,7 +961,7 @@ class Services:
                            {"service": name})
         try:
             if "unit" in entry:
-                self._act_systemd(entry["unit"], action)
+                self._act_systemd(name, entry["unit"], action)
             else:
                 self._act_command(name, entry, action)
         finally:
@@ -928,12 +971,27 @@ class Services:
         return self.get(name)
 
     @staticmethod
-    def _act_systemd(unit, action):
-        result = systemctl(action, unit, timeout=SERVICE_ACTION_TIMEOUT)
-        if result.returncode != 0:
-            raise Conflict(f"systemctl {action} {unit} failed: "
-                           f"{result.stderr.strip() or result.returncode}",
-                           {"service": unit, "action": action})
+    def _act_systemd(name, unit, action):
+        deadline = time.monotonic() + SERVICE_ACTION_TIMEOUT
+        try:
+            # Blocking: systemctl waits for the job and says why it failed.
+            result = systemctl(action, "--", unit, timeout=SERVICE_ACTION_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            result = None   # systemd goes on with the job; report where it stands
+        props = wait_until_settled(unit, deadline)
+        details = {"service": name, "action": action,
+                   "status": systemd_service_object(name, {"unit": unit}, props)["status"],
+                   "load_state": props.get("LoadState")}
+        if not is_settled(props):
+            raise Conflict(f"{unit} has not settled after {SERVICE_ACTION_TIMEOUT} s "
+                           f"({details['status']}); systemd goes on with the {action}",
+                           details)
+        wanted = ("inactive", "failed") if action == "stop" else ("active",)
+        failed = result is not None and result.returncode != 0
+        if failed or props["ActiveState"] not in wanted:
+            reason = (result.stderr.strip() if result else "") or \
+                f"the unit is {props['ActiveState']} (result: {props.get('Result')})"
+            raise Conflict(f"systemctl {action} {unit} failed: {reason[:400]}", details)
 
     @staticmethod
     def _act_command(name, entry, action):
@@ -1936,20 +1994,32 @@ class App:
 # ---------------------------------------------------------------------------
 
 
-def service_statuses(app, pg_up):
-    """name -> status, with PostgreSQL judged by a real connection.
+def judge_postgres(app, services, pg_up=None):
+    """The services with PostgreSQL's entry judged by a real connection.
 
     Debian's postgresql.service reads "active (exited)" while its cluster is
-    down, so the unit alone cannot be trusted for PostgreSQL.
+    down, and a cluster started by hand runs while its unit is inactive: the
+    unit alone cannot be trusted for PostgreSQL.
     """
-    statuses = {name: s["status"] for name, s in app.services.all().items()}
-    pg_name = app.config["postgres"]["service"]
-    if pg_name in statuses:
-        if pg_up:
-            statuses[pg_name] = "running"
-        elif statuses[pg_name] in ("running", "unknown"):
-            statuses[pg_name] = "stopped"
-    return statuses
+    name = app.config["postgres"]["service"]
+    service = services.get(name)
+    if service is None:
+        return services
+    if pg_up is None:
+        pg_up = app.postgres_info() is not None
+    if pg_up:
+        status = "running"
+    elif service["status"] in ("running", "unknown"):
+        status = "stopped"
+    else:
+        status = service["status"]   # failed, starting, stopping say more
+    return dict(services, **{name: dict(service, status=status)})
+
+
+def service_statuses(app, pg_up):
+    """name -> status for /status, which never fails for want of systemd."""
+    services = judge_postgres(app, app.services.all(strict=False), pg_up)
+    return {name: s["status"] for name, s in services.items()}
 
 
 def get_status(app, req):
@@ -2031,29 +2101,54 @@ def get_job(app, req):
 
 
 def list_services(app, req):
-    return {"services": [public_service(s) for s in app.services.all().values()]}
+    """200; 503 when a service is a unit and systemd cannot be asked."""
+    services = judge_postgres(app, app.services.all())
+    return {"services": [public_service(s) for s in services.values()]}
 
 
 def get_service(app, req):
-    """200; 404 for a name not in the config (systemctl is never asked)."""
-    return public_service(app.services.get(req.params["name"]))
+    """200; 404 for a name not in the config (systemctl is never asked);
+    503 for a unit when systemd cannot be asked."""
+    name = req.params["name"]
+    return public_service(judge_postgres(app, {name: app.services.get(name)})[name])
 
 
 def act_service(app, req):
-    """200 once settled; 400 unknown action; 404 unknown service;
-    409 stopping PostgreSQL while a cluster job runs; 503 no systemd."""
+    """200 once settled; 400 unknown action; 404 unknown service; 409 the unit
+    failed or did not settle in time, or stopping PostgreSQL while a job runs;
+    503 no systemd."""
     name, action = req.params["name"], req.params["action"]
     app.services.entry(name)
     if action not in SERVICE_ACTIONS:
         raise BadRequest(f"Unknown action {action!r}", {"allowed": list(SERVICE_ACTIONS)})
-    running = app.jobs.running_exclusive()
-    if name == app.config["postgres"]["service"] and action != "start" and running:
-        raise Conflict(f"Job {running.id} needs PostgreSQL; wait for it to finish",
-                       {"job": running.id})
-    service = app.services.act(name, action)
-    if name == app.config["postgres"]["service"]:
-        app.db.health.invalidate()  # the next /status must not trust the old probe
-    return public_service(service)
+    is_postgres = name == app.config["postgres"]["service"]
+    if is_postgres and action != "start":
+        check_no_running_job(app)
+    try:
+        service = app.services.act(name, action)
+    finally:
+        if is_postgres:
+            app.db.close()   # idle sessions to the old server are dead now
+            app.db.health.invalidate()
+    if is_postgres and action != "stop" and service["status"] == "running":
+        wait_for_postgres(app)
+    return public_service(judge_postgres(app, {name: service})[name])
+
+
+def check_no_running_job(app):
+    """409 when a job (backup, restore, snapshot) is under way: each needs PostgreSQL."""
+    for job in app.jobs.list():
+        if job["state"] in ("queued", "running"):
+            raise Conflict(f"Job {job['id']} needs PostgreSQL; wait for it to finish",
+                           {"job": job["id"]})
+
+
+def wait_for_postgres(app):
+    """pg_ctlcluster waits for start-up, a unit of one's own may not."""
+    deadline = time.monotonic() + POSTGRES_READY_SECONDS
+    while app.postgres_info() is None and time.monotonic() < deadline:
+        time.sleep(SERVICE_POLL_SECONDS)
+        app.db.health.invalidate()
 
 
 def public_service(service):

@@ -6,6 +6,7 @@ on a free port with its own socket dir; each server listens on port 0.
 """
 
 import contextlib
+import fcntl
 import glob
 import http.client
 import json
@@ -107,8 +108,10 @@ class Cluster:
 class Server:
     """piglet.py serve on port 0, with its own config, keys and state dir."""
 
+    temp_root = None   # where its directory goes (None: the usual temp dir)
+
     def __init__(self, cluster, **overrides):
-        self.dir = tempfile.mkdtemp(prefix="piglet-srv-")
+        self.dir = tempfile.mkdtemp(prefix="piglet-srv-", dir=self.temp_root)
         self.config_file = os.path.join(self.dir, "piglet.json")
         self.log_file = os.path.join(self.dir, "piglet.log")
         config = {
@@ -1443,3 +1446,580 @@ def test_user_database_refusing_connections_409_no_role(server, cluster):
         assert not role_exists(cluster, "closed_user")
     finally:
         drop_database(server, "closeddb")
+
+
+# ---------------------------------------------------------------------------
+# Services under a real systemd, and the installed appliance end to end
+# ---------------------------------------------------------------------------
+#
+# These tests boot systemd as PID 1 of private PID, mount and UTS namespaces
+# that share the host's network, so what its units serve is on this machine's
+# loopback. Fresh tmpfs mounts on /run, /tmp and /var/tmp come before systemd
+# is exec'ed: systemd-tmpfiles empties /tmp at boot and would wipe the host's.
+# Units that would reach the internet or change host-global state are masked
+# in that private /run. /etc/systemd/system is the host's own: what a test
+# installs there, it removes.
+
+SYSTEMD_BIN = "/lib/systemd/systemd"
+SYSTEMCTL_BIN = shutil.which("systemctl") or "/bin/systemctl"
+# Without a cgroup namespace, a booted systemd manages the host's cgroup
+# root: one at a time on this machine, whoever runs the tests.
+SYSTEMD_LOCK = "/run/lock/piglet-test-systemd.lock"
+SYSTEMD_LOCK_WAIT = 600
+SYSTEMD_BOOT_WAIT = 60
+SYSTEMD_HALT_WAIT = 60
+# Seen at the same path on both sides (the namespace has its own /tmp).
+SHARED_TEMP = "/dev/shm"
+SYSTEMD_MASKS = (
+    # would reach the internet: NTP; apt-daily*, man-db and the other timers
+    "systemd-timesyncd.service", "timers.target",
+    # would change host-global kernel state or remount the root file system
+    "systemd-sysctl.service", "systemd-modules-load.service", "systemd-binfmt.service",
+    "proc-sys-fs-binfmt_misc.automount", "systemd-remount-fs.service",
+    "systemd-pstore.service", "systemd-firstboot.service", "systemd-repart.service",
+    "systemd-machine-id-commit.service", "getty.target", "console-getty.service",
+)
+# PID 1 of the new namespaces until it execs systemd. `set -e`: no systemd
+# unless every mount worked. container=other: no module loading, no clock
+# changes, no swapoff or loop/DM detaching at shutdown (all host-global).
+# basic.target: not every unit the host has enabled.
+SYSTEMD_INIT = """set -e
+mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs /run
+mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /tmp
+mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /var/tmp
+mkdir -p /run/systemd/system
+for unit in "$@"; do ln -s /dev/null "/run/systemd/system/$unit"; done
+export container=other
+exec %s --system --unit=basic.target
+""" % SYSTEMD_BIN
+
+
+def wait_until(check, timeout, what):
+    """The first truthy value of check(), polled for at most `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {what} within {timeout} s")
+        time.sleep(0.2)
+
+
+def child_pid(pid):
+    """The first child of a process, by its host PID (None when it has none)."""
+    for path in glob.glob(f"/proc/{pid}/task/*/children"):
+        with contextlib.suppress(OSError):
+            with open(path) as handle:
+                children = handle.read().split()
+            if children:
+                return int(children[0])
+    return None
+
+
+def systemd_skip_reason():
+    if not IS_ROOT:
+        return "needs root to boot systemd in a namespace"
+    if os.path.isdir("/run/systemd/system"):
+        return "systemd is this host's PID 1; a second one would share its cgroup tree"
+    for tool in (SYSTEMD_BIN, "/usr/bin/unshare", "/usr/bin/nsenter", SYSTEMCTL_BIN):
+        if not os.access(tool, os.X_OK):
+            return f"{tool} is missing"
+    return None
+
+
+@contextlib.contextmanager
+def systemd_lock():
+    os.makedirs(os.path.dirname(SYSTEMD_LOCK), exist_ok=True)
+    with open(SYSTEMD_LOCK, "a") as handle:
+        deadline = time.monotonic() + SYSTEMD_LOCK_WAIT
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    pytest.skip(f"another namespace systemd held {SYSTEMD_LOCK} "
+                                f"for {SYSTEMD_LOCK_WAIT} s")
+                time.sleep(0.5)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+class NamespaceSystemd:
+    """systemd booted as PID 1 of private PID, mount and UTS namespaces."""
+
+    def __init__(self):
+        self.console = tempfile.NamedTemporaryFile(prefix="piglet-systemd-", suffix=".log")
+        self.pid = None   # systemd's PID on the host
+        self.proc = subprocess.Popen(
+            ["/usr/bin/unshare", "--pid", "--fork", "--mount", "--mount-proc", "--uts",
+             "--propagation", "private", "/bin/sh", "-c", SYSTEMD_INIT, "sh",
+             *SYSTEMD_MASKS],
+            stdin=subprocess.DEVNULL, stdout=self.console, stderr=subprocess.STDOUT,
+            start_new_session=True)
+
+    def console_log(self):
+        with open(self.console.name, errors="replace") as handle:
+            return handle.read()[-3000:]
+
+    def boot(self):
+        """Wait until systemd runs and the boot is over; RuntimeError if not."""
+        deadline = time.monotonic() + SYSTEMD_BOOT_WAIT
+        state = "not started"
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            if self.pid is None:
+                pid = child_pid(self.proc.pid)
+                with contextlib.suppress(OSError), open(f"/proc/{pid}/comm") as handle:
+                    self.pid = pid if handle.read().strip() == "systemd" else None
+            else:
+                state = self.run("systemctl", "is-system-running",
+                                 check=False).stdout.strip()
+                if state in ("running", "degraded"):
+                    return
+            time.sleep(0.1)
+        raise RuntimeError(f"systemd did not boot (state: {state}); console:\n"
+                           + self.console_log())
+
+    def command(self, *argv):
+        """argv run inside the namespaces (nsenter forks into the PID namespace)."""
+        return ["/usr/bin/nsenter", "-t", str(self.pid), "-m", "-p", "--", *argv]
+
+    def run(self, *argv, check=True, timeout=60, env=None):
+        result = subprocess.run(self.command(*argv), capture_output=True, text=True,
+                                timeout=timeout, stdin=subprocess.DEVNULL, cwd="/", env=env)
+        if check:
+            assert result.returncode == 0, f"{argv}: {result.stdout}{result.stderr}"
+        return result
+
+    def show(self, unit, *properties):
+        out = self.run("systemctl", "show", "-p", ",".join(properties), "--", unit).stdout
+        return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+    def path(self, inside):
+        """The host's path to a file in the namespace's private mounts."""
+        return f"/proc/{self.pid}/root{inside}"
+
+    def add_unit(self, name, text):
+        """A unit in the private /run/systemd/system: nothing on the host changes."""
+        with open(self.path(f"/run/systemd/system/{name}"), "w") as handle:
+            handle.write(text)
+        self.run("systemctl", "daemon-reload")
+
+    def halt(self):
+        init = self.pid or child_pid(self.proc.pid)
+        if self.proc.poll() is None:
+            if self.pid is not None:
+                os.kill(self.pid, signal.SIGRTMIN + 3)   # systemd's "halt"
+            elif init is not None:
+                os.kill(init, signal.SIGKILL)   # the boot never got that far
+            else:
+                self.proc.kill()
+        try:
+            self.proc.wait(timeout=SYSTEMD_HALT_WAIT)
+        except subprocess.TimeoutExpired:
+            # Killing a PID namespace's init kills everything in it.
+            os.kill(init, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+        self.console.close()
+
+
+@pytest.fixture
+def systemd():
+    """A freshly booted systemd in namespaces, halted afterwards."""
+    reason = systemd_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    with systemd_lock():
+        booted = NamespaceSystemd()
+        try:
+            try:
+                booted.boot()
+            except RuntimeError as exc:
+                pytest.skip(f"systemd cannot be booted in a namespace here: {exc}")
+            yield booted
+        finally:
+            booted.halt()
+
+
+class NamespaceServer(Server):
+    """piglet.py serve inside the namespaces: their systemd is the one it sees."""
+
+    temp_root = SHARED_TEMP
+
+    def __init__(self, systemd, cluster, path=None, **overrides):
+        self.systemd, self.path = systemd, path
+        super().__init__(cluster, **overrides)
+
+    def start(self, env=None):
+        self.log_handle = open(self.log_file, "a")
+        env = dict(os.environ, **(env or {}), **({"PATH": self.path} if self.path else {}))
+        self.proc = subprocess.Popen(
+            self.systemd.command(sys.executable, PIGLET, "serve", "--config",
+                                 self.config_file),
+            stdout=self.log_handle, stderr=subprocess.STDOUT, env=env)
+        self.port = self.wait_for_port()
+
+    def stop(self):
+        # nsenter passes no signal on: SIGTERM Piglet itself, by its host PID.
+        if self.proc and self.proc.poll() is None:
+            piglet_pid = child_pid(self.proc.pid)
+            if piglet_pid:
+                os.kill(piglet_pid, signal.SIGTERM)
+            self.proc.wait(timeout=20)
+        self.log_handle.close()
+
+
+@pytest.fixture
+def make_ns_server(systemd):
+    """Servers inside the booted namespaces, PostgreSQL reached over TCP (the
+    clusters' sockets are in the host's /tmp)."""
+    made = []
+
+    def make(cluster, services, path=None):
+        dsn = f"host=127.0.0.1 port={cluster.port} dbname=postgres user=postgres"
+        made.append(NamespaceServer(systemd, cluster, path=path, services=services,
+                                    postgres={"dsn": dsn, "service": "postgres"}))
+        return made[-1]
+
+    yield make
+    for server in made:
+        server.destroy()
+
+
+@pytest.fixture
+def recording_path():
+    """(PATH, calls file): a `systemctl` first on PATH that logs its arguments
+    to the calls file, then runs the real one."""
+    bindir = tempfile.mkdtemp(prefix="piglet-bin-", dir=SHARED_TEMP)
+    calls = os.path.join(bindir, "calls")
+    with open(os.path.join(bindir, "systemctl"), "w") as handle:
+        handle.write(f'#!/bin/sh\nprintf "%s\\n" "$*" >> {calls}\n'
+                     f'exec {SYSTEMCTL_BIN} "$@"\n')
+    os.chmod(os.path.join(bindir, "systemctl"), 0o755)
+    open(calls, "w").close()
+    yield f"{bindir}:/usr/sbin:/usr/bin:/sbin:/bin", calls
+    shutil.rmtree(bindir, ignore_errors=True)
+
+
+def read_calls(calls):
+    with open(calls) as handle:
+        return handle.read().splitlines()
+
+
+def test_systemd_unknown_service_404_never_asks_systemctl(cluster, make_ns_server,
+                                                           recording_path):
+    path, calls = recording_path
+    server = make_ns_server(cluster, {"postgres": {"unit": "postgresql.service"}}, path)
+    for method, route in (("GET", "services/nosuch"), ("POST", "services/nosuch/restart")):
+        status, _, data = server.request(method, route)
+        assert_error(status, data, 404, "NOT_FOUND")
+        assert data["error"]["details"] == {"service": "nosuch"}
+    assert read_calls(calls) == []
+    # The same server does ask systemd about a configured name.
+    status, _, data = server.request("GET", "services/postgres")
+    assert status == 200 and data["unit"] == "postgresql.service", data
+    assert [c.split()[0] for c in read_calls(calls)] == ["show"]
+    assert read_calls(calls)[0].endswith(" -- postgresql.service")
+
+
+def test_systemd_bad_action_400_and_get_action_405_never_ask_systemctl(
+        cluster, make_ns_server, recording_path):
+    path, calls = recording_path
+    server = make_ns_server(cluster, {"postgres": {"unit": "postgresql.service"}}, path)
+    status, _, data = server.request("POST", "services/postgres/reboot")
+    assert_error(status, data, 400, "BAD_REQUEST")
+    assert data["error"]["details"]["allowed"] == ["start", "stop", "restart"]
+    status, headers, data = server.request("GET", "services/postgres/restart")
+    assert_error(status, data, 405, "METHOD_NOT_ALLOWED")
+    assert headers["Allow"] == "POST"
+    assert read_calls(calls) == []
+
+
+def test_systemd_units_not_installed_unknown_with_load_state_degraded(
+        systemd, cluster, make_ns_server):
+    for unit in ("code-server@root", "jupyter"):
+        if systemd.show(unit, "LoadState")["LoadState"] != "not-found":
+            pytest.skip(f"{unit} is installed on this host")
+    server = make_ns_server(cluster, {
+        "postgres": {"unit": "postgresql.service", "port": cluster.port},
+        "vscode": {"unit": "code-server@root", "port": 8080},
+        "jupyter": {"unit": "jupyter", "port": 8888}})
+    status, _, data = server.request("GET", "status")
+    assert status == 200, data
+    assert data["status"] == "degraded"
+    assert data["services"] == {"postgres": "running", "vscode": "unknown",
+                                "jupyter": "unknown"}
+    status, _, data = server.request("GET", "services/jupyter")
+    assert status == 200
+    assert data == {"name": "jupyter", "status": "unknown", "port": 8888, "unit": "jupyter",
+                    "enabled": None, "pid": None, "since": None, "load_state": "not-found",
+                    "active_state": "inactive", "sub_state": "dead"}
+    status, _, data = server.request("GET", "services")
+    assert status == 200
+    assert [(s["name"], s["status"], s["load_state"]) for s in data["services"]] == [
+        ("postgres", "running", "loaded"), ("vscode", "unknown", "not-found"),
+        ("jupyter", "unknown", "not-found")]
+
+
+def test_systemd_postgres_as_debian_meta_unit_judged_by_connecting(
+        systemd, fresh_cluster, make_ns_server):
+    if systemd.show("postgresql.service", "LoadState")["LoadState"] != "loaded":
+        pytest.skip("Debian's postgresql.service is not installed")
+    server = make_ns_server(fresh_cluster, {
+        "postgres": {"unit": "postgresql.service", "port": fresh_cluster.port}})
+    # ignore-requirements: its Wants= would start this machine's own clusters.
+    systemd.run("systemctl", "start", "--job-mode=ignore-requirements",
+                "postgresql.service")
+    active = systemd.run("systemctl", "list-units", "--state=active", "--plain",
+                         "--no-legend", "postgresql@*").stdout
+    assert active == "", active
+    fresh_cluster.stop()
+    assert systemd.show("postgresql.service", "ActiveState", "SubState") == {
+        "ActiveState": "active", "SubState": "exited"}
+    status, _, data = server.request("GET", "status")
+    assert status == 200
+    assert (data["status"], data["services"]) == ("unhealthy", {"postgres": "stopped"})
+    status, _, data = server.request("GET", "services/postgres")
+    assert status == 200
+    assert (data["status"], data["active_state"], data["sub_state"]) == (
+        "stopped", "active", "exited")
+    fresh_cluster.start()
+    # /status reuses a probe for a second: poll.
+    data = wait_until(lambda: (d := server.request("GET", "status")[2])["status"]
+                      == "healthy" and d, 10, "healthy status")
+    assert data["services"] == {"postgres": "running"}
+
+
+SLOW_UNIT = """[Service]
+# about a second in activating and in deactivating: replies must wait for it
+ExecStartPre=/bin/sleep 1
+ExecStart=/bin/sleep infinity
+ExecStop=/bin/sleep 1
+"""
+BROKEN_UNIT = """[Service]
+Type=oneshot
+ExecStart=/bin/false
+"""
+
+
+def test_systemd_unit_actions_reply_after_settling(systemd, cluster, make_ns_server):
+    systemd.add_unit("piglet-test-slow.service", SLOW_UNIT)
+    server = make_ns_server(cluster, {"slow": {"unit": "piglet-test-slow", "port": 1}})
+    status, _, data = server.request("POST", "services/slow/start")
+    assert status == 200, data
+    assert (data["status"], data["active_state"], data["sub_state"]) == (
+        "running", "active", "running")
+    first_pid = data["pid"]
+    assert first_pid == int(systemd.show("piglet-test-slow", "MainPID")["MainPID"])
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", data["since"])
+    status, _, data = server.request("POST", "services/slow/restart")
+    assert (status, data["status"]) == (200, "running")
+    assert data["pid"] not in (None, first_pid)
+    status, _, data = server.request("POST", "services/slow/stop")
+    assert (status, data["status"], data["active_state"], data["pid"]) == (
+        200, "stopped", "inactive", None)
+
+
+def test_systemd_unit_failing_to_start_409_with_status(systemd, cluster, make_ns_server):
+    systemd.add_unit("piglet-test-broken.service", BROKEN_UNIT)
+    server = make_ns_server(cluster, {"broken": {"unit": "piglet-test-broken"},
+                                      "jupyter": {"unit": "jupyter"}})
+    status, _, data = server.request("POST", "services/broken/start")
+    assert_error(status, data, 409, "CONFLICT")
+    assert data["error"]["details"] == {"service": "broken", "action": "start",
+                                        "status": "failed", "load_state": "loaded"}
+    assert "piglet-test-broken" in data["error"]["message"]
+    status, _, data = server.request("GET", "services/broken")
+    assert (status, data["status"], data["enabled"]) == (200, "failed", False)
+    status, _, data = server.request("POST", "services/jupyter/start")
+    assert_error(status, data, 409, "CONFLICT")
+    assert data["error"]["details"]["load_state"] == "not-found"
+
+
+@pytest.mark.skipif(os.path.isdir("/run/systemd/system"), reason="systemd runs on this host")
+def test_services_units_without_systemd_503_status_still_answers(cluster, make_server):
+    server = make_server(cluster, services={"postgres": cluster.service_entry(),
+                                            "jupyter": {"unit": "jupyter", "port": 8888}})
+    for method, route in (("GET", "services"), ("GET", "services/jupyter"),
+                          ("POST", "services/jupyter/start")):
+        status, _, data = server.request(method, route)
+        assert_error(status, data, 503, "UNAVAILABLE")
+        assert data["error"]["details"] == {"dependency": "systemd"}
+    status, _, data = server.request("GET", "services/postgres")
+    assert (status, data["status"]) == (200, "running")
+    status, _, data = server.request("GET", "status")
+    assert status == 200
+    assert (data["status"], data["services"]) == (
+        "degraded", {"postgres": "running", "jupyter": "unknown"})
+
+
+# What install.sh creates for Piglet itself; the end-to-end test removes
+# each of these that did not exist before it ran.
+INSTALLED_PIGLET = ("/etc/systemd/system/piglet.service",
+                    "/etc/systemd/system/piglet.service.d",
+                    "/etc/systemd/system/multi-user.target.wants/piglet.service",
+                    "/etc/piglet", "/usr/local/lib/piglet", "/var/lib/piglet",
+                    "/run/piglet.pid", "/var/log/piglet.log")
+# Any of these means Piglet is installed here: the test would replace it.
+INSTALL_MARKS = ("/etc/piglet/piglet.json", "/etc/systemd/system/piglet.service",
+                 "/usr/local/lib/piglet")
+INSTALLED_PORT = 8910   # install.sh's config
+SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def install_target_cluster():
+    """The cluster install.sh picks (newest version, its first cluster) as
+    {ver, name, port, status, data}, or None without one."""
+    try:
+        out = subprocess.run(["pg_lsclusters", "-h"], capture_output=True, text=True,
+                             timeout=30, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    rows = [line.split() for line in out.splitlines() if line.strip()]
+    if not rows:
+        return None
+    # sorted() is stable in reverse too: pg_lsclusters order within a version.
+    rows.sort(key=lambda r: [int(x) for x in r[0].split(".")], reverse=True)
+    ver, name, port, status, _, data = rows[0][:6]
+    return {"ver": ver, "name": name, "port": int(port), "status": status, "data": data}
+
+
+def port_in_use(port):
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.fixture
+def install_host():
+    """The host facts the end-to-end test relies on, or a skip saying why not."""
+    if not IS_ROOT:
+        pytest.skip("install.sh needs root")
+    installed = [p for p in INSTALL_MARKS if os.path.lexists(p)]
+    if installed:
+        pytest.skip(f"Piglet is installed on this host ({', '.join(installed)}): "
+                    "the test would replace that installation")
+    target = install_target_cluster()
+    if target is None:
+        pytest.skip("no PostgreSQL cluster (pg_lsclusters): install.sh would create one")
+    cluster = f"{target['ver']}/{target['name']}"
+    if target["status"] != "down" or os.path.exists(f"{target['data']}/postmaster.pid"):
+        pytest.skip(f"cluster {cluster}, which install.sh would use, is not down "
+                    f"({target['status']}); it must not run on both sides")
+    for port in (target["port"], INSTALLED_PORT):
+        if port_in_use(port):
+            pytest.skip(f"port {port} on 127.0.0.1 is in use")
+    target["unit"] = f"postgresql@{target['ver']}-{target['name']}"
+    target["existed"] = {p for p in INSTALLED_PIGLET if os.path.lexists(p)}
+    return target
+
+
+class InstalledPiglet:
+    """The API of the Piglet that install.sh started, with the key it printed."""
+
+    read_key = None
+    connection = Server.connection
+    request = Server.request
+
+    def __init__(self, port, admin_key):
+        self.port, self.admin_key = port, admin_key
+
+    def status(self):
+        status, _, data = self.request("GET", "status")
+        assert status == 200, data
+        return data
+
+
+def run_install_sh(systemd):
+    """install.sh as a user runs it (sudo's PATH, no PIGLET_* overrides);
+    the admin key it printed."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIGLET_")}
+    result = systemd.run("/bin/bash", os.path.join(HERE, "install.sh"), timeout=600,
+                         check=False, env=dict(env, PATH=SYSTEM_PATH))
+    assert result.returncode == 0, result.stdout + result.stderr
+    found = re.search(r"Admin API key \(shown only now[^\n]*\n\s+(\S+)", result.stdout)
+    assert found, result.stdout
+    return found.group(1)
+
+
+def remove_piglet_install(systemd, host):
+    """Undo install.sh's Piglet files; leave the cluster stopped."""
+    # Inside: stop both; disable removes the host's wants symlink.
+    systemd.run("systemctl", "disable", "--now", "piglet.service", check=False)
+    systemd.run("systemctl", "stop", host["unit"], check=False, timeout=120)
+    for path in INSTALLED_PIGLET:
+        if path in host["existed"] or not os.path.lexists(path):
+            continue
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
+    systemd.run("systemctl", "daemon-reload", check=False)
+
+
+def check_postgres_actions(systemd, api, unit):
+    """Restart, stop and start PostgreSQL through the API; the unit agrees."""
+    before = api.request("GET", "services/postgres")[2]
+    assert (before["status"], before["unit"]) == ("running", unit), before
+    status, _, data = api.request("POST", "services/postgres/restart")
+    assert (status, data["status"]) == (200, "running"), data
+    assert data["pid"] not in (None, before["pid"])
+    assert data["pid"] == int(systemd.show(unit, "MainPID")["MainPID"])
+    assert api.status()["status"] == "healthy"
+    status, _, data = api.request("POST", "services/postgres/stop")
+    assert (status, data["status"], data["pid"]) == (200, "stopped", None), data
+    assert systemd.show(unit, "ActiveState") == {"ActiveState": "inactive"}
+    assert (api.status()["status"], api.status()["services"]["postgres"]) == (
+        "unhealthy", "stopped")
+    status, _, data = api.request("POST", "services/postgres/start")
+    assert (status, data["status"]) == (200, "running"), data
+    assert api.status()["status"] == "healthy"
+
+
+def check_restart_after_kill(systemd, api):
+    """kill -9 of Piglet's main process: systemd starts it again."""
+    before = systemd.show("piglet.service", "MainPID", "NRestarts")
+    systemd.run("kill", "-9", before["MainPID"])
+
+    def restarted():
+        now = systemd.show("piglet.service", "MainPID", "NRestarts", "ActiveState")
+        return (now["ActiveState"] == "active" and now["MainPID"] not in ("0", before["MainPID"])
+                and int(now["NRestarts"]) == int(before["NRestarts"]) + 1 and now)
+    wait_until(restarted, 30, "restart of piglet.service")
+    assert api.status()["status"] == "healthy"
+
+
+def test_install_sh_under_systemd_end_to_end(install_host, systemd):
+    """What a user does: install.sh, then the API drives PostgreSQL's unit.
+
+    Runs only as root, only when systemd boots in a namespace, only without
+    an existing Piglet installation and only while the cluster install.sh
+    picks is down (it runs inside the namespace, never on both sides).
+    Afterwards Piglet's own files are removed (unit, wants symlink,
+    /etc/piglet, /usr/local/lib/piglet, /var/lib/piglet, pid and log file)
+    and the cluster is stopped again. What install.sh set up in PostgreSQL
+    and around it stays, as it would for a reinstall: apt packages, the role
+    piglet, its pg_hba.conf and pg_ident.conf lines, the archive settings,
+    /etc/pgbackrest/pgbackrest.conf and the pgBackRest stanza.
+    """
+    try:
+        key = run_install_sh(systemd)
+        assert systemd.show("piglet.service", "ActiveState", "UnitFileState") == {
+            "ActiveState": "active", "UnitFileState": "enabled"}
+        with open("/etc/piglet/piglet.json") as handle:
+            config = json.load(handle)
+        assert config["services"]["postgres"]["unit"] == install_host["unit"]
+        api = InstalledPiglet(INSTALLED_PORT, key)
+        assert api.status()["status"] == "healthy"
+        check_postgres_actions(systemd, api, install_host["unit"])
+        check_restart_after_kill(systemd, api)
+        verify = systemd.run("systemd-analyze", "verify", "piglet.service", check=False)
+        assert (verify.returncode, verify.stdout + verify.stderr) == (0, "")
+        security = systemd.run("systemd-analyze", "security", "--no-pager",
+                               "piglet.service", check=False).stdout
+        print("\n".join(line for line in security.splitlines() if "exposure" in line))
+    finally:
+        remove_piglet_install(systemd, install_host)
+    assert not os.path.exists(f"{install_host['data']}/postmaster.pid")
