@@ -15,10 +15,12 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
 import time
+import warnings
 
 import psycopg
 import pytest
@@ -928,3 +930,392 @@ def test_schemathesis_fuzz_no_5xx_and_replies_match_document(fresh_cluster, make
     assert result.returncode == 0, report
     assert re.search(r"\d+ generated, \d+ passed", result.stdout), report
     assert "Traceback" not in server.log()
+
+
+# -- Metrics -------------------------------------------------------------------
+
+PARSE_METRICS = """
+import json, sys
+from prometheus_client.parser import text_string_to_metric_families
+samples = [[s.name, s.labels, s.value]
+           for family in text_string_to_metric_families(sys.stdin.read())
+           for s in family.samples]
+print(json.dumps(samples))
+"""
+
+
+def scrape(server, tools, key="admin"):
+    """{(name, frozenset(labels)): value} parsed by Prometheus's own parser."""
+    status, headers, text = get_text(server, "metrics", key)
+    assert status == 200, text
+    assert headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+    samples = json.loads(run_tool(tools, PARSE_METRICS, text))
+    return {(name, frozenset(labels.items())): value for name, labels, value in samples}
+
+
+def sample(metrics, name, **labels):
+    return metrics.get((name, frozenset(labels.items())), 0)
+
+
+def test_metrics_counters_and_histogram_move(server, tools):
+    before = scrape(server, tools)
+    for _ in range(3):
+        assert server.request("GET", "status")[0] == 200
+    assert server.request("GET", "jobs/nosuch")[0] == 404
+    after = scrape(server, tools, key="read")
+    total = "piglet_http_requests_total"
+    assert sample(after, total, method="GET", route="/status", status="200") == \
+        sample(before, total, method="GET", route="/status", status="200") + 3
+    assert sample(after, total, method="GET", route="/jobs/{id}", status="404") == \
+        sample(before, total, method="GET", route="/jobs/{id}", status="404") + 1
+    count = "piglet_http_request_duration_seconds_count"
+    assert sample(after, count, route="/status") == sample(before, count, route="/status") + 3
+    inf = sample(after, "piglet_http_request_duration_seconds_bucket", route="/status",
+                 le="+Inf")
+    assert inf == sample(after, count, route="/status")
+    assert sample(after, "piglet_postgres_up") == 1
+    assert sample(after, "piglet_last_backup_success_timestamp_seconds") == 0
+    assert sample(after, "piglet_info", version=piglet.VERSION) == 1
+
+
+def restart(server, stopped=False):
+    """Start the server again; its old "listening" line must not be mistaken."""
+    if not stopped:
+        server.stop()
+    os.truncate(server.log_file, 0)
+    server.start()
+
+
+def write_job(state_dir, job_id, kind, state, finished_at=None):
+    os.makedirs(os.path.join(state_dir, "jobs"), exist_ok=True)
+    job = dict.fromkeys(piglet.JOB_FIELDS)
+    job.update(id=job_id, kind=kind, state=state, request={}, log_tail=[],
+               created_at="2024-05-01T11:00:00Z", finished_at=finished_at)
+    with open(os.path.join(state_dir, "jobs", job_id + ".json"), "w") as handle:
+        json.dump(job, handle)
+
+
+def test_metrics_jobs_last_backup_rate_limit_postgres_down(fresh_cluster, make_server, tools):
+    server = make_server(fresh_cluster, rate_limit={"per_minute": 60, "burst": 2})
+    server.stop()
+    state = server.config["state_dir"]
+    write_job(state, "20240501T110000Z-backup-aaaaaa", "backup", "succeeded",
+              "2024-05-01T12:00:00Z")
+    write_job(state, "20240501T110001Z-backup-bbbbbb", "backup", "running")
+    restart(server, stopped=True)
+    statuses = [server.request("GET", "status")[0] for _ in range(3)]
+    assert statuses == [200, 200, 429]
+    fresh_cluster.stop()
+    time.sleep(1.1)  # the PostgreSQL probe is cached for a second
+    metrics = scrape(server, tools, key="read")
+    assert sample(metrics, "piglet_rate_limited_total") == 1
+    assert sample(metrics, "piglet_http_requests_total", method="GET", route="/status",
+                  status="429") == 1
+    assert sample(metrics, "piglet_jobs", kind="backup", state="succeeded") == 1
+    # The job that was running when Piglet stopped is failed at start.
+    assert sample(metrics, "piglet_jobs", kind="backup", state="failed") == 1
+    assert sample(metrics, "piglet_jobs", kind="backup", state="running") == 0
+    assert sample(metrics, "piglet_last_backup_success_timestamp_seconds") == 1714564800
+    assert sample(metrics, "piglet_postgres_up") == 0
+
+
+def test_metrics_needs_a_key(server):
+    status, _, data = server.request("GET", "metrics", key=None)
+    assert_error(status, data, 401, "UNAUTHORIZED")
+
+
+# -- Audit log -----------------------------------------------------------------
+
+
+def audit_entries(server, query="limit=1000"):
+    status, _, data = server.request("GET", f"audit?{query}")
+    assert status == 200, data
+    return data["entries"]
+
+
+def test_audit_mutation_by_named_key_one_line_no_secret(server):
+    status, _, made = server.request("POST", "keys", {"name": "audit-ops"})
+    assert status == 201
+    status, headers, data = server.request("POST", "keys", {"name": "made-by-ops"},
+                                           key=made["key"])
+    assert status == 201
+    lines = [e for e in audit_entries(server) if e["request_id"] == headers["X-Request-Id"]]
+    assert len(lines) == 1
+    entry = lines[0]
+    assert entry["key"] == "audit-ops" and entry["client"] == "127.0.0.1"
+    assert (entry["method"], entry["path"], entry["status"]) == ("POST", f"{API}/keys", 201)
+    assert entry["event"] == "request" and entry["job"] is None
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", entry["time"])
+    with open(os.path.join(server.config["state_dir"], "audit.log")) as handle:
+        text = handle.read()
+    assert data["key"] not in text and made["key"] not in text
+    assert os.stat(os.path.join(server.config["state_dir"], "audit.log")).st_mode & 0o777 \
+        == 0o600
+
+
+def test_audit_reads_not_logged_denials_are(server):
+    before = audit_entries(server)
+    server.request("GET", "status")
+    server.request("GET", "keys")
+    status, headers, _ = server.request("DELETE", "keys/admin", key="read")
+    assert status == 403
+    new = audit_entries(server)[:len(audit_entries(server)) - len(before)]
+    assert [(e["method"], e["status"], e["key"]) for e in new] == [("DELETE", 403, "reader")]
+    assert new[0]["request_id"] == headers["X-Request-Id"]
+
+
+def test_audit_newest_first_limit_since(server):
+    for name in ("audit-a", "audit-b"):
+        assert server.request("POST", "keys", {"name": name})[0] == 201
+    newest = audit_entries(server, "limit=2")
+    assert len(newest) == 2
+    assert newest[0]["time"] >= newest[1]["time"]
+    assert audit_entries(server, "since=2999-01-01T00:00:00Z") == []
+    since = newest[0]["time"]
+    assert all(e["time"] >= since for e in audit_entries(server, f"since={since}"))
+    assert audit_entries(server, "since=2000-01-01T00:00:00%2B02:00&limit=1") == newest[:1]
+
+
+@pytest.mark.parametrize("query,field", [
+    ("limit=0", "limit"), ("limit=1001", "limit"), ("limit=x", "limit"),
+    ("since=yesterday", "since"), ("since=2024-05-01T12:00:00", "since"),
+])
+def test_audit_bad_query_400(server, query, field):
+    status, _, data = server.request("GET", f"audit?{query}")
+    assert_error(status, data, 400, "BAD_REQUEST")
+    assert data["error"]["details"] == {"field": field}
+
+
+def test_audit_admin_only(server):
+    status, _, data = server.request("GET", "audit", key="read")
+    assert_error(status, data, 403, "FORBIDDEN")
+
+
+def test_audit_job_end_line_for_interrupted_job(cluster, make_server):
+    server = make_server(cluster)
+    server.stop()
+    write_job(server.config["state_dir"], "20240501T110000Z-restore-cccccc", "restore",
+              "running")
+    restart(server, stopped=True)
+    jobs = [e for e in audit_entries(server) if e["event"] == "job"]
+    assert len(jobs) == 1
+    assert jobs[0]["job"] == "20240501T110000Z-restore-cccccc"
+    assert (jobs[0]["kind"], jobs[0]["state"], jobs[0]["error"]) == \
+        ("restore", "failed", "INTERRUPTED")
+    assert jobs[0]["key"] is None and jobs[0]["method"] is None
+
+
+def test_audit_database_and_user_lines_without_password(server):
+    requires_route("POST", "/databases")
+    requires_route("POST", "/users")
+    made = server.request("POST", "keys", {"name": "ops"})[2]
+    status, _, data = server.request("POST", "databases", {"name": "audit_db"}, key=made["key"])
+    assert status == 201, data
+    password = "n0t-in-any-log-" + os.urandom(4).hex()
+    status, _, data = server.request("POST", "users", {"username": "audit_user",
+                                                       "password": password})
+    assert status == 201, data
+    entries = audit_entries(server)
+    db_lines = [e for e in entries if e["path"] == f"{API}/databases"]
+    assert [(e["key"], e["method"], e["status"]) for e in db_lines] == [("ops", "POST", 201)]
+    user_lines = [e for e in entries if e["path"] == f"{API}/users"]
+    assert [(e["method"], e["status"]) for e in user_lines] == [("POST", 201)]
+    with open(os.path.join(server.config["state_dir"], "audit.log")) as handle:
+        assert password not in handle.read()
+    assert server.request("DELETE", "users/audit_user")[0] == 204
+    assert server.request("DELETE", "databases/audit_db")[0] == 204
+    assert server.request("DELETE", "keys/ops")[0] == 204
+
+
+# -- Idempotency-Key ------------------------------------------------------------
+
+
+def test_idempotent_post_replayed_secret_withheld_other_body_409(server):
+    headers = {"Idempotency-Key": "create-idem-1"}
+    status, first_headers, first = server.request("POST", "keys", {"name": "idem-1"},
+                                                  headers=headers)
+    assert status == 201 and first["key"]
+    status, again_headers, again = server.request("POST", "keys", {"name": "idem-1"},
+                                                  headers=headers)
+    assert status == 201 and again_headers["Idempotent-Replayed"] == "true"
+    assert again == dict(first, key=None)  # the secret is never stored
+    assert again_headers["Location"] == first_headers["Location"]
+    assert "Idempotent-Replayed" not in first_headers
+    status, _, data = server.request("POST", "keys", {"name": "idem-2"}, headers=headers)
+    assert_error(status, data, 409, "CONFLICT")
+    assert data["error"]["details"] == {"idempotency_key": "create-idem-1"}
+    names = [k["name"] for k in server.request("GET", "keys")[2]["keys"]]
+    assert names.count("idem-1") == 1 and "idem-2" not in names
+    store = os.path.join(server.config["state_dir"], "idempotency")
+    for name in os.listdir(store):
+        with open(os.path.join(store, name)) as handle:
+            assert first["key"] not in handle.read()
+
+
+def test_idempotency_keys_are_per_api_key(server):
+    other = server.request("POST", "keys", {"name": "idem-other"})[2]["key"]
+    headers = {"Idempotency-Key": "shared-name"}
+    assert server.request("POST", "keys", {"name": "idem-a"}, headers=headers)[0] == 201
+    status, _, data = server.request("POST", "keys", {"name": "idem-b"}, headers=headers,
+                                     key=other)
+    assert status == 201 and data["name"] == "idem-b"
+
+
+def test_idempotency_failed_request_not_stored(server):
+    headers = {"Idempotency-Key": "retry-after-failure"}
+    status, _, data = server.request("POST", "keys", {"name": "admin"}, headers=headers)
+    assert_error(status, data, 409, "CONFLICT")  # the name exists: nothing was done
+    status, _, data = server.request("POST", "keys", {"name": "admin"}, headers=headers)
+    assert_error(status, data, 409, "CONFLICT")
+    assert "idempotency_key" not in data["error"]["details"]
+
+
+@pytest.mark.parametrize("value", ["a" * 256, "caf\xe9"])
+def test_idempotency_key_invalid_400(server, value):
+    status, _, data = server.request("POST", "keys", {"name": "idem-bad"},
+                                     headers={"Idempotency-Key": value})
+    assert_error(status, data, 400, "BAD_REQUEST")
+    assert data["error"]["details"] == {"header": "Idempotency-Key"}
+
+
+def test_idempotency_survives_restart(cluster, make_server):
+    server = make_server(cluster)
+    headers = {"Idempotency-Key": "x" * 255}
+    status, _, first = server.request("POST", "keys", {"name": "kept"}, headers=headers)
+    assert status == 201
+    restart(server)
+    status, replay_headers, again = server.request("POST", "keys", {"name": "kept"},
+                                                   headers=headers)
+    assert status == 201 and replay_headers["Idempotent-Replayed"] == "true"
+    assert again == dict(first, key=None)
+    status, _, data = server.request("POST", "keys", {"name": "kept2"}, headers=headers)
+    assert_error(status, data, 409, "CONFLICT")
+    assert [k["name"] for k in server.request("GET", "keys")[2]["keys"]].count("kept") == 1
+
+
+def wait_job(server, job_id, seconds=120):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        job = server.request("GET", f"jobs/{job_id}")[2]["job"]
+        if job["state"] in ("succeeded", "failed"):
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} did not finish")
+
+
+def test_idempotent_logical_backup_one_job(fresh_cluster, make_server):
+    requires_route("POST", "/backups")
+    with fresh_cluster.connect() as conn:
+        conn.execute("CREATE DATABASE appdb")
+    server = make_server(fresh_cluster)
+    body = {"type": "logical", "databases": ["appdb"]}
+    headers = {"Idempotency-Key": "nightly-appdb"}
+    status, _, first = server.request("POST", "backups", body, headers=headers)
+    assert status == 202, first
+    status, _, again = server.request("POST", "backups", body, headers=headers)
+    assert status == 202 and again == first
+    assert len(server.request("GET", "jobs")[2]["jobs"]) == 1
+    status, _, data = server.request("POST", "backups", dict(body, databases=["postgres"]),
+                                     headers=headers)
+    assert_error(status, data, 409, "CONFLICT")
+    assert wait_job(server, first["job"]["id"])["state"] == "succeeded"
+    ends = [e for e in audit_entries(server) if e["event"] == "job"]
+    assert [(e["job"], e["key"], e["state"]) for e in ends] == \
+        [(first["job"]["id"], "admin", "succeeded")]
+    assert len(server.request("GET", "jobs")[2]["jobs"]) == 1
+
+
+# -- TLS -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory):
+    """A self-signed certificate for 127.0.0.1: (cert path, key path)."""
+    where = tmp_path_factory.mktemp("tls")
+    cert, key = str(where / "cert.pem"), str(where / "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", key, "-out", cert], check=True, capture_output=True, timeout=60)
+    return cert, key
+
+
+@pytest.fixture
+def tls_server(cluster, make_server, certificate):
+    cert, key = certificate
+    return make_server(cluster, tls={"cert": cert, "key": key})
+
+
+def https(server, certificate, **context_options):
+    context = ssl.create_default_context(cafile=certificate[0])
+    for name, value in context_options.items():
+        setattr(context, name, value)
+    return http.client.HTTPSConnection("127.0.0.1", server.port, timeout=30, context=context)
+
+
+def test_tls_serves_https_with_tls12_or_later(tls_server, certificate):
+    conn = https(tls_server, certificate)
+    status, _, data = tls_server.request("GET", "status", conn=conn)
+    assert status == 200 and data["status"] == "healthy"
+    assert conn.sock.version() in ("TLSv1.2", "TLSv1.3")
+    status, _, data = tls_server.request("GET", "openapi.json", key=None, conn=conn)
+    assert status == 200 and data["openapi"] == "3.1.0"
+    conn.close()
+    assert re.search(r"listening on 127\.0\.0\.1:\d+ over https", tls_server.log())
+
+
+def test_tls_refuses_tls11(tls_server, certificate):
+    context = ssl.create_default_context(cafile=certificate[0])
+    context.set_ciphers("DEFAULT:@SECLEVEL=0")  # lets this client offer TLS 1.1 at all
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        context.minimum_version = context.maximum_version = ssl.TLSVersion.TLSv1_1
+    with socket.create_connection(("127.0.0.1", tls_server.port), timeout=10) as sock:
+        with pytest.raises(ssl.SSLError, match="PROTOCOL_VERSION"):
+            context.wrap_socket(sock, server_hostname="127.0.0.1")
+    server_context = piglet.tls_context({"cert": certificate[0], "key": certificate[1]})
+    assert server_context.minimum_version == ssl.TLSVersion.TLSv1_2
+
+
+def test_tls_port_plain_http_closed_promptly_key_never_read(tls_server, certificate):
+    secret = tls_server.cli("key", "create", "--name", "plain-probe").strip()
+    with socket.create_connection(("127.0.0.1", tls_server.port), timeout=5) as sock:
+        sock.sendall(f"GET {API}/status HTTP/1.1\r\nHost: x\r\n"
+                     f"Authorization: Bearer {secret}\r\n\r\n".encode())
+        received = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(4096):  # socket.timeout here: not closed in 5 s
+                received += chunk
+    assert not received.startswith(b"HTTP/")
+    keys = tls_server.request("GET", "keys", conn=https(tls_server, certificate))[2]["keys"]
+    assert [k["last_used_at"] for k in keys if k["name"] == "plain-probe"] == [None]
+    assert "plain-probe" not in tls_server.log()
+
+
+def test_tls_silent_handshake_blocks_nobody_and_is_cut_off(tls_server, certificate):
+    with socket.create_connection(("127.0.0.1", tls_server.port), timeout=30) as silent:
+        conn = https(tls_server, certificate)
+        status, _, _ = tls_server.request("GET", "status", conn=conn)
+        assert status == 200
+        conn.close()
+        # The header deadline (10 s) ends the handshake that never starts.
+        with contextlib.suppress(ConnectionResetError):
+            assert silent.recv(4096) == b""
+
+
+def test_tls_unreadable_certificate_stops_startup(tmp_path):
+    config = {"tls": {"cert": str(tmp_path / "none.pem"), "key": str(tmp_path / "none.key")}}
+    result = run_serve(config, tmp_path)
+    assert result.returncode == 2
+    assert "tls.cert" in result.stderr
+
+
+@pytest.mark.parametrize("listen,tls,warned", [
+    ("127.0.0.1", None, False), ("::1", None, False), ("127.0.0.9", None, False),
+    ("localhost", None, False), ("0.0.0.0", None, True), ("::", None, True),
+    ("192.0.2.10", None, True), ("db.example", None, True), ("0.0.0.0", "c.pem", False),
+])
+def test_listen_without_tls_warning(listen, tls, warned):
+    warning = piglet.listen_warning({"listen": listen, "tls": {"cert": tls, "key": tls}})
+    assert (warning is not None) == warned
+    if warned:
+        assert listen in warning and "without TLS" in warning
