@@ -24,6 +24,15 @@ Known limitations:
 - The rate limiter and the last-used times of keys live in memory; a
   restart refills every bucket and last-used times are flushed to the keys
   file at most once a minute.
+- Metrics live in memory and restart at zero with Piglet (Prometheus
+  handles counter resets).  The last-backup time comes from Piglet's own
+  backup jobs (kind "backup..."), not from backups made by other means.
+- The audit log grows without bound; rotate it with logrotate (Piglet
+  opens it for every line, so a renamed file is simply left behind).
+- Expired idempotency replies are dropped when their API key next sends
+  one and at start.  A reply's secret (POST /keys) is never stored, so
+  its replay carries "key": null.
+- TLS certificate changes take effect at the next restart, not on SIGHUP.
 """
 
 import argparse
@@ -1562,12 +1571,28 @@ class IdempotencyStore:
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
         self._lock = threading.Lock()
         self._running = set()
+        self._prune()
+
+    def _prune(self):
+        """Drop expired replies, and files left with none (revoked keys)."""
+        for name in os.listdir(self.dir):
+            owner, ext = os.path.splitext(name)
+            if ext != ".json":
+                continue
+            entries = self._load(owner)
+            if not entries:
+                os.unlink(os.path.join(self.dir, name))
+            else:
+                atomic_write_json(os.path.join(self.dir, name), entries)
 
     def _load(self, owner):
         try:
             with open(os.path.join(self.dir, owner + ".json"), encoding="utf-8") as handle:
                 entries = json.load(handle)
         except FileNotFoundError:
+            return {}
+        except ValueError as exc:  # only a hand edit can do this: writes are atomic
+            log.warning("ignoring unreadable idempotency file for %s: %s", owner, exc)
             return {}
         cutoff = time.time() - IDEMPOTENCY_TTL_SECONDS
         return {key: e for key, e in entries.items() if e["created"] >= cutoff}

@@ -3,6 +3,11 @@
 Run as root (the README's command):  /usr/bin/python3 -m pytest -q test_piglet.py
 Each cluster is initdb'd into its own temp dir as the `postgres` OS user,
 on a free port with its own socket dir; each server listens on port 0.
+The Meta tests run PyPI tools (schemathesis, openapi-spec-validator,
+prometheus-client) from a virtualenv they build once with
+`/usr/bin/python3 -m venv` (apt: python3-venv) under $PIGLET_TEST_TOOLS,
+default /var/cache/piglet-test-tools; they skip only when PyPI is
+unreachable and CI is unset.
 """
 
 import contextlib
@@ -1127,6 +1132,22 @@ def test_audit_database_and_user_lines_without_password(server):
     assert server.request("DELETE", "keys/ops")[0] == 204
 
 
+def test_audit_job_credited_to_request_that_queued_it(tmp_path):
+    audit = piglet.AuditLog(str(tmp_path))
+    jobs = piglet.JobManager(str(tmp_path), listener=audit.job_event)
+    req = piglet.Request("POST", {}, {}, {}, {"name": "ops"}, "rid-1", "127.0.0.1")
+    audit.set_context(req)
+    job = jobs.submit("backup", {}, lambda job: {"ok": True})
+    audit.set_context(None)
+    deadline = time.monotonic() + 10
+    while not audit.read(None, 10) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    [entry] = audit.read(None, 10)
+    assert (entry["event"], entry["job"], entry["state"], entry["error"]) == \
+        ("job", job.id, "succeeded", None)
+    assert (entry["key"], entry["client"], entry["request_id"]) == ("ops", "127.0.0.1", "rid-1")
+
+
 # -- Idempotency-Key ------------------------------------------------------------
 
 
@@ -1176,6 +1197,16 @@ def test_idempotency_key_invalid_400(server, value):
                                      headers={"Idempotency-Key": value})
     assert_error(status, data, 400, "BAD_REQUEST")
     assert data["error"]["details"] == {"header": "Idempotency-Key"}
+
+
+def test_idempotency_same_key_while_running_409(tmp_path):
+    store = piglet.IdempotencyStore(str(tmp_path))
+    assert store.begin("owner", "k", "fp") is None
+    with pytest.raises(piglet.Conflict, match="still running"):
+        store.begin("owner", "k", "fp")
+    store.finish("owner", "k", "fp", piglet.Reply(piglet.HTTPStatus.ACCEPTED, {"job": {}}))
+    replay = store.begin("owner", "k", "fp")
+    assert (replay.status, replay.body) == (202, {"job": {}})
 
 
 def test_idempotency_survives_restart(cluster, make_server):
