@@ -1210,8 +1210,10 @@ def success_response(route, status):
     response = {"description": status.phrase, "headers": header_refs("X-Request-Id")}
     if status == HTTPStatus.NO_CONTENT:
         return response
-    if status in (HTTPStatus.CREATED, HTTPStatus.ACCEPTED):
+    if status == HTTPStatus.ACCEPTED:
         response["headers"].update(header_refs("Location"))
+    elif status == HTTPStatus.CREATED:  # where the contract asks for one
+        response["headers"]["Location"] = {"$ref": "#/components/headers/CreatedLocation"}
     schema = route.reply or {"type": "object"}
     if status == HTTPStatus.ACCEPTED and route.reply is None:
         schema = {"$ref": "#/components/schemas/JobAccepted"}
@@ -1283,9 +1285,11 @@ def openapi_components():
         "schemas": {"Error": ERROR_SCHEMA, "Job": JOB_SCHEMA,
                     "JobAccepted": {"type": "object", "required": ["job"],
                                     "properties": {"job": {"$ref": "#/components/schemas/Job"}}}},
-        "headers": {name: {"description": text, "required": True,
-                           "schema": {"type": "string"}}
-                    for name, text in HEADER_DOCS.items()},
+        "headers": dict({name: {"description": text, "required": True,
+                                "schema": {"type": "string"}}
+                         for name, text in HEADER_DOCS.items()},
+                        CreatedLocation={"description": HEADER_DOCS["Location"],
+                                         "schema": {"type": "string"}}),
         "responses": error_response_components(),
     }
 

@@ -1113,18 +1113,24 @@ def test_audit_job_end_line_for_interrupted_job(cluster, make_server):
 def test_audit_database_and_user_lines_without_password(server):
     requires_route("POST", "/databases")
     requires_route("POST", "/users")
-    made = server.request("POST", "keys", {"name": "ops"})[2]
-    status, _, data = server.request("POST", "databases", {"name": "audit_db"}, key=made["key"])
+    status, _, made = server.request("POST", "keys", {"name": "ops"})
+    assert status == 201, made
+    status, db_headers, data = server.request("POST", "databases", {"name": "audit_db"},
+                                              key=made["key"])
     assert status == 201, data
     password = "n0t-in-any-log-" + os.urandom(4).hex()
-    status, _, data = server.request("POST", "users", {"username": "audit_user",
-                                                       "password": password})
+    status, user_headers, data = server.request("POST", "users", {"username": "audit_user",
+                                                                  "password": password})
     assert status == 201, data
     entries = audit_entries(server)
-    db_lines = [e for e in entries if e["path"] == f"{API}/databases"]
+    db_lines = [e for e in entries if e["path"] == f"{API}/databases"
+                and e["request_id"] == db_headers["X-Request-Id"]]
     assert [(e["key"], e["method"], e["status"]) for e in db_lines] == [("ops", "POST", 201)]
-    user_lines = [e for e in entries if e["path"] == f"{API}/users"]
-    assert [(e["method"], e["status"]) for e in user_lines] == [("POST", 201)]
+    user_lines = [e for e in entries if e["request_id"] == user_headers["X-Request-Id"]]
+    assert [(e["path"], e["method"], e["status"]) for e in user_lines] == \
+        [(f"{API}/users", "POST", 201)]
+    assert set(user_lines[0]) == {"time", "event", "key", "client", "method", "path",
+                                  "status", "request_id", "job"}
     with open(os.path.join(server.config["state_dir"], "audit.log")) as handle:
         assert password not in handle.read()
     assert server.request("DELETE", "users/audit_user")[0] == 204
