@@ -5,7 +5,8 @@
 #
 # Idempotent: run it again after every update; what already works is left
 # alone. What it does, in order:
-#   1. apt packages: python3, python3-psycopg, python3-pytest, pgbackrest, curl
+#   1. apt packages: python3, python3-psycopg, pgbackrest, curl, openssl, and for
+#      the test suite python3-pytest and python3-venv
 #      (and postgresql when no cluster exists yet);
 #   2. picks the PostgreSQL cluster (newest version, first cluster of it, from
 #      pg_lsclusters; override with PIGLET_CLUSTER=15/main) and starts it;
@@ -62,7 +63,7 @@ is_installed() {
 have_cluster() {
   command -v pg_lsclusters >/dev/null && [ -n "$(pg_lsclusters -h 2>/dev/null)" ]
 }
-want=(python3 python3-psycopg python3-pytest pgbackrest curl)
+want=(python3 python3-psycopg python3-pytest python3-venv pgbackrest curl openssl)
 if ! have_cluster; then want+=(postgresql); fi
 missing=()
 for p in "${want[@]}"; do is_installed "$p" || missing+=("$p"); done

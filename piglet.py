@@ -30,6 +30,15 @@ Known limitations:
 - Service actions run one at a time: a unit that is slow to settle holds
   the others back for up to SERVICE_ACTION_TIMEOUT. The check that no job
   runs before PostgreSQL is stopped is not atomic with a job starting.
+- Metrics live in memory and restart at zero with Piglet (Prometheus
+  handles counter resets).  The last-backup time comes from Piglet's own
+  backup jobs (kind "backup..."), not from backups made by other means.
+- The audit log grows without bound; rotate it with logrotate (Piglet
+  opens it for every line, so a renamed file is simply left behind).
+- Expired idempotency replies are dropped when their API key next sends
+  one and at start.  A reply's secret (POST /keys) is never stored, so
+  its replay carries "key": null.
+- TLS certificate changes take effect at the next restart, not on SIGHUP.
 """
 
 import argparse
@@ -43,6 +52,7 @@ import hashlib
 import hmac
 import http.client
 import http.server
+import ipaddress
 import json
 import logging
 import math
@@ -53,6 +63,7 @@ import secrets
 import select
 import signal
 import socket
+import ssl
 import stringprep
 import subprocess
 import sys
@@ -1048,8 +1059,9 @@ class Job:
 class JobManager:
     """Runs jobs one thread each; cluster-wide jobs one at a time."""
 
-    def __init__(self, state_dir):
+    def __init__(self, state_dir, listener=None):
         self.dir = os.path.join(state_dir, "jobs")
+        self.listener = listener  # listener(event, job dict): "queued", "finished"
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
         self.lock = threading.RLock()
         self.jobs = {}
@@ -1097,6 +1109,8 @@ class JobManager:
                 self.exclusive = job
             self._save(job)
         log.info("job %s %s: queued", job.id, kind)
+        if self.listener:
+            self.listener("queued", job.snapshot())
         threading.Thread(target=self._run, args=(job, work, exclusive),
                          name=f"job-{job.id}", daemon=True).start()
         return job
@@ -1130,6 +1144,8 @@ class JobManager:
             self._save(job)
         log.info("job %s: %s%s", job.id, state,
                  f" ({error['code']}: {error['message']})" if error else "")
+        if self.listener:
+            self.listener("finished", job.snapshot())
 
     def running_exclusive(self):
         with self.lock:
@@ -1179,12 +1195,24 @@ class Field:
 
 
 class Route:
+    """One entry of the route table, which also drives the OpenAPI document.
+
+    The optional documentation arguments: `status`, the success status
+    (default 200, 204 for DELETE; an unannotated POST is documented as
+    200, 201 or 202; 202 means a job reply); `reply`, a JSON Schema of the
+    success body (default: any object); `reply_type`, its media type;
+    `query`, {name: Field} of the query parameters the handler reads.
+    """
+
     def __init__(self, method, pattern, handler, scope="read", body=None,
-                 body_required=True):
+                 body_required=True, status=None, reply=None,
+                 reply_type="application/json", query=None):
         self.method, self.pattern, self.handler = method, pattern, handler
         self.scope = scope           # None: no key needed; "read": any key; "admin"
         self.body = body             # {field: Field} or None for no body
         self.body_required = body_required and bool(body)
+        self.status, self.reply, self.reply_type = status, reply, reply_type
+        self.query = query or {}
         self.segments = pattern.strip("/").split("/")
 
     def match(self, segments):
@@ -1938,10 +1966,648 @@ SNAPSHOT_ROUTES = []
 
 
 # ---------------------------------------------------------------------------
-# Meta: OpenAPI document, metrics, audit
+# Meta: OpenAPI document, metrics, audit, idempotent retries, TLS
 # ---------------------------------------------------------------------------
 
-META_ROUTES = []
+AUDIT_DEFAULT_LIMIT = 100
+AUDIT_MAX_LIMIT = 1000
+IDEMPOTENCY_TTL_SECONDS = 24 * 3600
+IDEMPOTENCY_MAX_PER_KEY = 10000   # past this the oldest replies are forgotten
+IDEMPOTENCY_KEY_RE = re.compile(r"^[\x20-\x7e]{1,255}$")
+# Replies are kept on disk for replay; a secret in one (POST /keys) is not.
+REPLAY_WITHHELD_FIELDS = ("key", "password")
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+METRIC_METHODS = ("GET", "HEAD", "POST", "PATCH", "PUT", "DELETE")
+METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def parse_rfc3339(text):
+    """Seconds since the epoch; ValueError unless it is a time with a zone."""
+    moment = datetime.datetime.fromisoformat(text)
+    if moment.tzinfo is None:
+        raise ValueError("no time zone")
+    return moment.timestamp()
+
+
+# -- OpenAPI -----------------------------------------------------------------
+
+ERROR_CODES = sorted({ApiError.code} | {cls.code for cls in ApiError.__subclasses__()})
+ERROR_OBJECT = {
+    "type": "object", "required": ["code", "message", "details"],
+    "properties": {"code": {"type": "string"}, "message": {"type": "string"},
+                   "details": {"type": "object"}}}
+ERROR_SCHEMA = {
+    "type": "object", "required": ["error"], "additionalProperties": False,
+    "properties": {"error": dict(ERROR_OBJECT, additionalProperties=False, properties=dict(
+        ERROR_OBJECT["properties"], code={"type": "string", "enum": ERROR_CODES}))}}
+TIME_OR_NULL = {"type": ["string", "null"], "format": "date-time"}
+JOB_SCHEMA = {
+    "type": "object", "required": list(JOB_FIELDS),
+    "properties": {
+        "id": {"type": "string"}, "kind": {"type": "string"},
+        "state": {"enum": ["queued", "running", "succeeded", "failed"]},
+        "created_at": {"type": "string", "format": "date-time"},
+        "started_at": TIME_OR_NULL, "finished_at": TIME_OR_NULL,
+        "progress": {"type": ["number", "null"], "minimum": 0, "maximum": 100},
+        "request": {"type": "object"}, "result": {},
+        "error": {"oneOf": [{"type": "null"}, ERROR_OBJECT]},
+        "log_tail": {"type": "array", "items": {"type": "string"}}}}
+AUDIT_ENTRY_SCHEMA = {
+    "type": "object",
+    "required": ["time", "event", "key", "client", "method", "path", "status",
+                 "request_id", "job"],
+    "properties": {
+        "time": {"type": "string", "format": "date-time"},
+        "event": {"enum": ["request", "job"]},
+        "key": {"type": ["string", "null"]}, "client": {"type": ["string", "null"]},
+        "method": {"type": ["string", "null"]}, "path": {"type": ["string", "null"]},
+        "status": {"type": ["integer", "null"]},
+        "request_id": {"type": ["string", "null"]}, "job": {"type": ["string", "null"]},
+        "kind": {"type": "string"}, "state": {"type": "string"},
+        "error": {"type": ["string", "null"]}}}
+HEADER_DOCS = {
+    "X-Request-Id": "The request's id, also in the log and the audit log",
+    "Location": "Where the created object or the job can be read",
+    "WWW-Authenticate": "Always 'Bearer'",
+    "Allow": "The methods this path answers",
+    "Retry-After": "Whole seconds to wait",
+}
+# Error statuses every operation can give: any request can carry a bad
+# Content-Length or none of the rate-limit tokens, or meet a busy server.
+COMMON_ERRORS = (HTTPStatus.BAD_REQUEST, HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                 HTTPStatus.TOO_MANY_REQUESTS, HTTPStatus.INTERNAL_SERVER_ERROR,
+                 HTTPStatus.SERVICE_UNAVAILABLE)
+
+
+def field_schema(field):
+    """JSON Schema of one Field."""
+    schema = {"type": [field.kind, "null"] if field.nullable else field.kind}
+    if field.items:
+        schema["items"] = {"type": field.items}
+    if field.enum is not None:
+        schema["enum"] = list(field.enum) + ([None] if field.nullable else [])
+    return schema
+
+
+def object_schema(fields):
+    """A JSON object with exactly these fields: unknown ones are rejected."""
+    schema = {"type": "object", "additionalProperties": False,
+              "properties": {name: field_schema(f) for name, f in fields.items()}}
+    required = [name for name, f in fields.items() if f.required]
+    if required:
+        schema["required"] = required
+    return schema
+
+
+def route_parameters(route):
+    params = [{"name": seg[1:-1], "in": "path", "required": True,
+               "schema": {"type": "string", "minLength": 1}}
+              for seg in route.segments if seg.startswith("{")]
+    params += [{"name": name, "in": "query", "required": field.required,
+                "schema": field_schema(field)} for name, field in route.query.items()]
+    return params
+
+
+def success_statuses(route):
+    if route.status is not None:
+        return [HTTPStatus(route.status)]
+    if route.method == "DELETE":
+        return [HTTPStatus.NO_CONTENT]
+    if route.method == "POST":  # unannotated: created, done or a job
+        return [HTTPStatus.OK, HTTPStatus.CREATED, HTTPStatus.ACCEPTED]
+    return [HTTPStatus.OK]
+
+
+def header_refs(*names):
+    return {name: {"$ref": f"#/components/headers/{name}"} for name in names}
+
+
+def success_response(route, status):
+    response = {"description": status.phrase, "headers": header_refs("X-Request-Id")}
+    if status == HTTPStatus.NO_CONTENT:
+        return response
+    if status == HTTPStatus.ACCEPTED:
+        response["headers"].update(header_refs("Location"))
+    elif status == HTTPStatus.CREATED:  # where the contract asks for one
+        response["headers"]["Location"] = {"$ref": "#/components/headers/CreatedLocation"}
+    schema = route.reply or {"type": "object"}
+    if status == HTTPStatus.ACCEPTED and route.reply is None:
+        schema = {"$ref": "#/components/schemas/JobAccepted"}
+    response["content"] = {route.reply_type: {"schema": schema}}
+    return response
+
+
+def error_statuses(route):
+    statuses = set(COMMON_ERRORS)
+    if route.scope is not None:
+        statuses.add(HTTPStatus.UNAUTHORIZED)
+    if route.scope == "admin" or route.method != "GET":
+        statuses.add(HTTPStatus.FORBIDDEN)
+    if route.method != "GET":
+        statuses.add(HTTPStatus.CONFLICT)
+    if route.body is not None:
+        statuses.add(HTTPStatus.UNSUPPORTED_MEDIA_TYPE)
+    if route.body or "{" in route.pattern or route.method != "GET":
+        statuses.add(HTTPStatus.NOT_FOUND)  # the object, or one the body names
+    return sorted(statuses)
+
+
+def route_responses(route):
+    responses = {str(s.value): success_response(route, s) for s in success_statuses(route)}
+    for status in error_statuses(route):
+        responses[str(status.value)] = {"$ref": f"#/components/responses/E{status.value}"}
+    return responses
+
+
+def route_operation(route):
+    doc = " ".join((route.handler.__doc__ or "").split())
+    operation = {"operationId": route.handler.__name__,
+                 "tags": [route.segments[0]],
+                 "summary": f"{route.method} {route.pattern}",
+                 "responses": route_responses(route)}
+    if doc:
+        operation["description"] = doc
+    params = route_parameters(route)
+    if params:
+        operation["parameters"] = params
+    if route.body is not None:
+        operation["requestBody"] = {
+            "required": route.body_required,
+            "content": {"application/json": {"schema": object_schema(route.body)}}}
+    if route.scope is None:
+        operation["security"] = []
+    return operation
+
+
+def error_response_components():
+    extra = {HTTPStatus.UNAUTHORIZED: "WWW-Authenticate",
+             HTTPStatus.METHOD_NOT_ALLOWED: "Allow",
+             HTTPStatus.TOO_MANY_REQUESTS: "Retry-After"}
+    responses = {}
+    for cls in ApiError.__subclasses__():
+        status = cls.status
+        headers = header_refs("X-Request-Id", *([extra[status]] if status in extra else []))
+        responses[f"E{status.value}"] = {
+            "description": f"{status.phrase} ({cls.code})", "headers": headers,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    responses["E500"] = dict(responses["E400"], description="Internal error (INTERNAL_ERROR)")
+    return responses
+
+
+def openapi_components():
+    return {
+        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
+                                       "description": "An API key: Bearer pgl_..."}},
+        "schemas": {"Error": ERROR_SCHEMA, "Job": JOB_SCHEMA,
+                    "JobAccepted": {"type": "object", "required": ["job"],
+                                    "properties": {"job": {"$ref": "#/components/schemas/Job"}}}},
+        "headers": dict({name: {"description": text, "required": True,
+                                "schema": {"type": "string"}}
+                         for name, text in HEADER_DOCS.items()},
+                        CreatedLocation={"description": HEADER_DOCS["Location"],
+                                         "schema": {"type": "string"}}),
+        "responses": error_response_components(),
+    }
+
+
+def openapi_document(routes):
+    """OpenAPI 3.1 for `routes`; the router and this document share the table."""
+    paths, seen = {}, set()
+    for route in routes:
+        operation = route_operation(route)
+        while operation["operationId"] in seen:  # one handler on two routes
+            operation["operationId"] += "_" + route.method.lower()
+        seen.add(operation["operationId"])
+        paths.setdefault("/" + route.pattern.strip("/"), {})[route.method.lower()] = operation
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Piglet", "version": VERSION,
+                 "description": "Control API of a one-machine PostgreSQL appliance. "
+                                "Every error body is the Error envelope."},
+        "servers": [{"url": API_PREFIX}],
+        "security": [{"bearer": []}],
+        "paths": paths,
+        "components": openapi_components(),
+    }
+
+
+def get_openapi(app, req):
+    """200: this API's OpenAPI 3.1 document; no key needed."""
+    return openapi_document(ROUTES)
+
+
+# -- Metrics -----------------------------------------------------------------
+
+
+class Metrics:
+    """Request counts and latencies, in memory: they restart at zero with Piglet."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.requests = {}       # (method, route, status) -> count
+        self.latency = {}        # route -> [cumulative bucket counts..., sum, count]
+        self.rate_limited = 0
+
+    def observe(self, method, route, status, seconds):
+        method = method if method in METRIC_METHODS else "OTHER"
+        with self._lock:
+            key = (method, route, status)
+            self.requests[key] = self.requests.get(key, 0) + 1
+            hist = self.latency.setdefault(route, [0] * len(LATENCY_BUCKETS) + [0.0, 0])
+            for i, bound in enumerate(LATENCY_BUCKETS):
+                if seconds <= bound:
+                    hist[i] += 1
+            hist[-2] += seconds
+            hist[-1] += 1
+
+    def count_rate_limited(self):
+        with self._lock:
+            self.rate_limited += 1
+
+    def copy(self):
+        with self._lock:
+            return (dict(self.requests), {k: list(v) for k, v in self.latency.items()},
+                    self.rate_limited)
+
+
+def label_text(labels):
+    def escape(value):
+        return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+    inner = ",".join(f'{name}="{escape(value)}"' for name, value in labels.items())
+    return "{" + inner + "}" if inner else ""
+
+
+def metric_family(name, kind, help_text, samples):
+    """Text-format lines of one family; samples are (suffix, labels, value)."""
+    lines = [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+    for suffix, labels, value in samples:
+        lines.append(f"{name}{suffix}{label_text(labels)} {value!r}")
+    return lines
+
+
+def request_families(metrics):
+    requests, latency, rate_limited = metrics.copy()
+    counts = [("", {"method": m, "route": r, "status": str(s)}, n)
+              for (m, r, s), n in sorted(requests.items())]
+    buckets = []
+    for route, hist in sorted(latency.items()):
+        for bound, count in zip(LATENCY_BUCKETS, hist):
+            buckets.append(("_bucket", {"route": route, "le": repr(bound)}, count))
+        buckets.append(("_bucket", {"route": route, "le": "+Inf"}, hist[-1]))
+        buckets += [("_sum", {"route": route}, hist[-2]), ("_count", {"route": route}, hist[-1])]
+    return (metric_family("piglet_http_requests_total", "counter",
+                          "Requests answered, by method, route pattern and status", counts)
+            + metric_family("piglet_http_request_duration_seconds", "histogram",
+                            "Time from request line to response, by route pattern", buckets)
+            + metric_family("piglet_rate_limited_total", "counter",
+                            "Requests rejected with 429 by the rate limiter",
+                            [("", {}, rate_limited)]))
+
+
+def last_backup_time(jobs):
+    """When the newest successful backup job ended (epoch seconds), else 0."""
+    times = [parse_rfc3339(j["finished_at"]) for j in jobs
+             if j["kind"].startswith("backup") and j["state"] == "succeeded"]
+    return max(times, default=0)
+
+
+def state_families(app):
+    jobs = app.jobs.list()
+    counts = {}
+    for job in jobs:
+        key = (job["kind"], job["state"])
+        counts[key] = counts.get(key, 0) + 1
+    kinds = sorted({job["kind"] for job in jobs})
+    samples = [("", {"kind": kind, "state": state}, counts.get((kind, state), 0))
+               for kind in kinds for state in JOB_SCHEMA["properties"]["state"]["enum"]]
+    pg_up = 1 if app.postgres_info() is not None else 0
+    started = time.time() - (time.monotonic() - app.started)
+    return (metric_family("piglet_jobs", "gauge", "Jobs on record, by kind and state", samples)
+            + metric_family("piglet_last_backup_success_timestamp_seconds", "gauge",
+                            "End of the newest successful backup job (0: none yet)",
+                            [("", {}, last_backup_time(jobs))])
+            + metric_family("piglet_postgres_up", "gauge",
+                            "1 when PostgreSQL accepts connections", [("", {}, pg_up)])
+            + metric_family("piglet_start_time_seconds", "gauge",
+                            "When this Piglet process started", [("", {}, round(started, 3))])
+            + metric_family("piglet_info", "gauge", "Piglet's version",
+                            [("", {"version": VERSION}, 1)]))
+
+
+def get_metrics(app, req):
+    """200: Prometheus text format (any key)."""
+    text = "\n".join(request_families(app.metrics) + state_families(app)) + "\n"
+    return Reply(HTTPStatus.OK, text.encode("utf-8"), {"Content-Type": METRICS_TYPE})
+
+
+def observe_request(app, handler, reply):
+    """After every response: count and time it; audit it if it may change something."""
+    route = getattr(handler, "route", None)
+    elapsed = time.monotonic() - handler.started
+    app.metrics.observe(handler.command, route.pattern if route else "unmatched",
+                        reply.status.value, elapsed)
+    if route is not None and handler.command not in ("GET", "HEAD"):
+        app.audit.record_request(handler, reply)
+
+
+# -- Audit log ---------------------------------------------------------------
+
+
+def reversed_lines(path, block=65536):
+    """The file's non-empty lines, last first, reading from the end."""
+    try:
+        handle = open(path, "rb")
+    except FileNotFoundError:
+        return
+    with handle:
+        position = handle.seek(0, os.SEEK_END)
+        rest = b""
+        while position > 0:
+            step = min(block, position)
+            position -= step
+            handle.seek(position)
+            lines = (handle.read(step) + rest).split(b"\n")
+            rest = lines.pop(0)
+            yield from (line for line in reversed(lines) if line)
+        if rest:
+            yield rest
+
+
+class AuditLog:
+    """state_dir/audit.log: one JSON line per mutating request and per job end.
+
+    Lines carry who, from where, what path and the outcome, never a body, so
+    a password or key sent in one never reaches this file.
+    """
+
+    def __init__(self, state_dir):
+        self.path = os.path.join(state_dir, "audit.log")
+        self._lock = threading.Lock()
+        self._local = threading.local()   # the request a handler thread serves
+        self._job_owners = {}             # job id -> who started it, until it ends
+
+    def append(self, entry):
+        try:
+            with self._lock:
+                # The time is taken under the lock so the file stays in time order.
+                entry = dict(time=utc_iso(time.time()), **entry)
+                line = (json.dumps(entry, ensure_ascii=False) + "\n").encode("utf-8")
+                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                try:
+                    os.write(fd, line)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        except OSError as exc:
+            log.error("could not write the audit log %s: %s", self.path, exc)
+
+    def record_request(self, handler, reply):
+        job = reply.body.get("job") if isinstance(reply.body, dict) else None
+        self.append({"event": "request",
+                     "key": None if handler.key_name == "-" else handler.key_name,
+                     "client": handler.client_address[0], "method": handler.command,
+                     "path": handler.path[:2048], "status": reply.status.value,
+                     "request_id": handler.request_id,
+                     "job": job.get("id") if isinstance(job, dict) else None})
+
+    def set_context(self, req):
+        """Jobs submitted by this thread from now on belong to `req` (None: nobody)."""
+        self._local.context = None if req is None else {
+            "key": req.key["name"] if req.key else None, "client": req.client,
+            "request_id": req.request_id}
+
+    def job_event(self, event, job):
+        """JobManager's listener: remember who queued a job, write its end."""
+        if event == "queued":
+            context = getattr(self._local, "context", None)
+            if context is not None:
+                with self._lock:
+                    self._job_owners[job["id"]] = context
+            return
+        with self._lock:
+            owner = self._job_owners.pop(job["id"], {})
+        error = job.get("error") or {}
+        self.append({"event": "job", "key": owner.get("key"), "client": owner.get("client"),
+                     "method": None, "path": None, "status": None,
+                     "request_id": owner.get("request_id"), "job": job["id"],
+                     "kind": job["kind"], "state": job["state"], "error": error.get("code")})
+
+    def read(self, since, limit):
+        """Up to `limit` entries at or after `since` (epoch seconds), newest first."""
+        entries = []
+        for line in reversed_lines(self.path):
+            try:
+                entry = json.loads(line)
+                moment = parse_rfc3339(entry["time"])
+            except (ValueError, KeyError, TypeError):
+                continue  # a line torn by a crash mid-write
+            if since is not None and moment < since:
+                break  # the file is in time order
+            entries.append(entry)
+            if len(entries) >= limit:
+                break
+        return entries
+
+
+def query_value(req, name):
+    values = req.query.get(name)
+    return values[-1] if values else None
+
+
+def audit_query(req):
+    """(since, limit) from the query string; 400 naming the bad parameter."""
+    since, limit = query_value(req, "since"), query_value(req, "limit")
+    try:
+        since = None if since is None else parse_rfc3339(since)
+    except ValueError:
+        raise BadRequest("'since' must be an RFC 3339 time such as 2024-05-01T12:00:00Z",
+                         {"field": "since"}) from None
+    if limit is None:
+        return since, AUDIT_DEFAULT_LIMIT
+    if not limit.isdigit() or not 1 <= int(limit) <= AUDIT_MAX_LIMIT:
+        raise BadRequest(f"'limit' must be an integer from 1 to {AUDIT_MAX_LIMIT}",
+                         {"field": "limit"})
+    return since, int(limit)
+
+
+def list_audit(app, req):
+    """200: audit entries newest first (admin); 400 bad since or limit."""
+    since, limit = audit_query(req)
+    return {"entries": app.audit.read(since, limit)}
+
+
+# -- Idempotent retries --------------------------------------------------------
+
+
+class IdempotencyStore:
+    """Replies to POSTs that carried an Idempotency-Key, one file per API key.
+
+    Only successful replies are kept: a failed request changed nothing, so
+    its retry may as well run again.
+    """
+
+    def __init__(self, state_dir):
+        self.dir = os.path.join(state_dir, "idempotency")
+        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        self._lock = threading.Lock()
+        self._running = set()
+        self._prune()
+
+    def _prune(self):
+        """Drop expired replies, and files left with none (revoked keys)."""
+        for name in os.listdir(self.dir):
+            owner, ext = os.path.splitext(name)
+            if ext != ".json":
+                continue
+            entries = self._load(owner)
+            if not entries:
+                os.unlink(os.path.join(self.dir, name))
+            else:
+                atomic_write_json(os.path.join(self.dir, name), entries)
+
+    def _load(self, owner):
+        try:
+            with open(os.path.join(self.dir, owner + ".json"), encoding="utf-8") as handle:
+                entries = json.load(handle)
+        except FileNotFoundError:
+            return {}
+        except ValueError as exc:  # only a hand edit can do this: writes are atomic
+            log.warning("ignoring unreadable idempotency file for %s: %s", owner, exc)
+            return {}
+        cutoff = time.time() - IDEMPOTENCY_TTL_SECONDS
+        return {key: e for key, e in entries.items() if e["created"] >= cutoff}
+
+    def begin(self, owner, key, fingerprint):
+        """The stored Reply of a repeat, else None and the key is marked running."""
+        with self._lock:
+            entry = self._load(owner).get(key)
+            if entry is not None and entry["fingerprint"] != fingerprint:
+                raise Conflict("This Idempotency-Key was used with another request",
+                               {"idempotency_key": key})
+            if entry is not None:
+                return Reply(HTTPStatus(entry["status"]), entry["body"],
+                             dict(entry["headers"], **{"Idempotent-Replayed": "true"}))
+            if (owner, key) in self._running:
+                raise Conflict("A request with this Idempotency-Key is still running",
+                               {"idempotency_key": key})
+            self._running.add((owner, key))
+        return None
+
+    def finish(self, owner, key, fingerprint, reply):
+        """Keep a successful reply; a failed or crashed request leaves nothing."""
+        with self._lock:
+            self._running.discard((owner, key))
+            if reply is None or not 200 <= reply.status < 300:
+                return
+            body = reply.body
+            if isinstance(body, dict):
+                body = {k: None if k in REPLAY_WITHHELD_FIELDS else v for k, v in body.items()}
+            entries = self._load(owner)
+            entries[key] = {"fingerprint": fingerprint, "created": time.time(),
+                            "status": reply.status.value, "body": body,
+                            "headers": reply.headers}
+            if len(entries) > IDEMPOTENCY_MAX_PER_KEY:
+                oldest = sorted(entries, key=lambda k: entries[k]["created"])
+                for stale in oldest[:len(entries) - IDEMPOTENCY_MAX_PER_KEY]:
+                    del entries[stale]
+            atomic_write_json(os.path.join(self.dir, owner + ".json"), entries)
+
+
+def request_fingerprint(route, req):
+    """Same route, same path parameters, same body (key order aside)."""
+    text = json.dumps([route.method, route.pattern, req.params, req.body], sort_keys=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def run_handler(app, route, req):
+    app.audit.set_context(req)   # a job queued now is credited to this request
+    try:
+        result = route.handler(app, req)
+    finally:
+        app.audit.set_context(None)
+    return result if isinstance(result, Reply) else Reply(HTTPStatus.OK, result)
+
+
+def call_handler(app, route, req, idempotency_key=None):
+    """The handler's Reply; a repeated POST with an Idempotency-Key gets the first."""
+    if req.method != "POST" or idempotency_key is None or req.key is None:
+        return run_handler(app, route, req)
+    if not IDEMPOTENCY_KEY_RE.match(idempotency_key):
+        raise BadRequest("Idempotency-Key must be 1 to 255 printable ASCII characters",
+                         {"header": "Idempotency-Key"})
+    # Keyed by the API key's hash: a revoked and re-made name starts afresh.
+    owner = hashlib.sha256(req.key["hash"].encode()).hexdigest()[:32]
+    fingerprint = request_fingerprint(route, req)
+    stored = app.idempotency.begin(owner, idempotency_key, fingerprint)
+    if stored is not None:
+        return stored
+    reply = None
+    try:
+        reply = run_handler(app, route, req)
+    finally:
+        app.idempotency.finish(owner, idempotency_key, fingerprint, reply)
+    return reply
+
+
+# -- TLS -----------------------------------------------------------------------
+
+
+def tls_context(tls):
+    """A server context for tls.cert and tls.key (TLS 1.2 or later), or None."""
+    if not tls["cert"]:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(tls["cert"], tls["key"])
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load tls.cert/tls.key: {exc}") from None
+    return context
+
+
+def tls_accept(server, sock, client_address):
+    """The connection after its TLS handshake, or None.
+
+    Runs in the connection's own thread, bounded by the header deadline, so
+    a client that never finishes its handshake holds only itself up.  A
+    plain-HTTP request fails the handshake at once and is never read.
+    """
+    tls_sock = server.tls_context.wrap_socket(sock, server_side=True,
+                                              do_handshake_on_connect=False)
+    server.deadlines.arm(tls_sock, HEADER_DEADLINE_SECONDS)
+    tls_sock.settimeout(HEADER_DEADLINE_SECONDS)
+    try:
+        tls_sock.do_handshake()
+        return tls_sock
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        log.info("TLS handshake with %s failed: %s", client_address[0], exc)
+        tls_sock.close()
+        return None
+    finally:
+        server.deadlines.disarm(tls_sock)
+
+
+def listen_warning(config):
+    """The start-up warning when API keys would cross a network in clear."""
+    host = config["listen"]
+    if config["tls"]["cert"] or host == "localhost":
+        return None
+    with contextlib.suppress(ValueError):  # a host name: assume it is reachable
+        if ipaddress.ip_address(host).is_loopback:
+            return None
+    return f"serving {host} without TLS: API keys cross the network in clear"
+
+
+META_ROUTES = [
+    Route("GET", "/openapi.json", get_openapi, None,
+          reply={"type": "object", "required": ["openapi", "paths"]}),
+    Route("GET", "/metrics", get_metrics, reply={"type": "string"},
+          reply_type="text/plain"),
+    Route("GET", "/audit", list_audit, "admin",
+          reply={"type": "object", "required": ["entries"], "properties": {
+              "entries": {"type": "array", "items": AUDIT_ENTRY_SCHEMA}}},
+          query={"since": Field("string"), "limit": Field("integer")}),
+]
 
 
 # ---------------------------------------------------------------------------
@@ -1960,7 +2626,10 @@ class App:
         os.makedirs(config["state_dir"], mode=0o700, exist_ok=True)
         self.db = Database(config["postgres"])
         self.services = Services(config["services"])
-        self.jobs = JobManager(config["state_dir"])
+        self.metrics = Metrics()
+        self.audit = AuditLog(config["state_dir"])
+        self.idempotency = IdempotencyStore(config["state_dir"])
+        self.jobs = JobManager(config["state_dir"], listener=self.audit.job_event)
         self.db_sizes = DatabaseSizes(self.db)
         self.db_sizes.start()
 
@@ -2162,21 +2831,54 @@ PUBLIC_SERVICE_FIELDS = ("name", "status", "port", "unit", "enabled", "pid", "si
 KEY_BODY = {"name": Field("string", required=True),
             "scope": Field("string", enum=list(SCOPES))}
 
+
+def reply_object(required, **properties):
+    """A reply schema: these fields at least, each {} (any) unless given."""
+    props = {name: properties.get(name, {}) for name in required}
+    return {"type": "object", "required": list(required), "properties": props}
+
+
+STRING, INTEGER = {"type": "string"}, {"type": "integer"}
+OPT_STRING, OPT_INTEGER = {"type": ["string", "null"]}, {"type": ["integer", "null"]}
+KEY_SCHEMA = reply_object(("name", "scope", "created_at", "last_used_at"), name=STRING,
+                          scope={"enum": list(SCOPES)}, last_used_at=OPT_STRING)
+SERVICE_SCHEMA = reply_object(PUBLIC_SERVICE_FIELDS, name=STRING, port=OPT_INTEGER,
+                              status={"enum": ["running", "stopped", "failed", "starting",
+                                               "stopping", "unknown"]})
+STATUS_SCHEMA = reply_object(("status", "version", "uptime", "services"),
+                             status={"enum": ["healthy", "degraded", "unhealthy"]},
+                             version=STRING, uptime=INTEGER, services={"type": "object"})
+SYSTEM_SCHEMA = reply_object(("hostname", "os", "kernel", "cpu", "memory", "memory_bytes",
+                              "disk", "disk_bytes", "disk_free_bytes", "uptime",
+                              "postgres_version"),
+                             hostname=STRING, cpu=OPT_INTEGER, memory_bytes=OPT_INTEGER,
+                             disk_bytes=INTEGER, disk_free_bytes=INTEGER, uptime=INTEGER,
+                             postgres_version=OPT_STRING)
+# The secret is null when an Idempotency-Key replays the reply: it is never stored.
+NEW_KEY_SCHEMA = dict(KEY_SCHEMA, required=KEY_SCHEMA["required"] + ["key"],
+                      properties=dict(KEY_SCHEMA["properties"], key=OPT_STRING))
+JOB_REF = {"$ref": "#/components/schemas/Job"}
+
 CORE_ROUTES = [
-    Route("GET", "/status", get_status),
-    Route("GET", "/system", get_system),
-    Route("GET", "/keys", list_keys, "admin"),
-    Route("POST", "/keys", create_key, "admin", KEY_BODY),
+    Route("GET", "/status", get_status, reply=STATUS_SCHEMA),
+    Route("GET", "/system", get_system, reply=SYSTEM_SCHEMA),
+    Route("GET", "/keys", list_keys, "admin",
+          reply=reply_object(["keys"], keys={"type": "array", "items": KEY_SCHEMA})),
+    Route("POST", "/keys", create_key, "admin", KEY_BODY, status=HTTPStatus.CREATED,
+          reply=NEW_KEY_SCHEMA),
     Route("DELETE", "/keys/{name}", revoke_key, "admin"),
-    Route("GET", "/jobs", list_jobs),
-    Route("GET", "/jobs/{id}", get_job),
+    Route("GET", "/jobs", list_jobs,
+          reply=reply_object(["jobs"], jobs={"type": "array", "items": JOB_REF})),
+    Route("GET", "/jobs/{id}", get_job, reply=reply_object(["job"], job=JOB_REF)),
 ]
 
 SERVICE_ROUTES = [
-    Route("GET", "/services", list_services),
-    Route("GET", "/services/{name}", get_service),
+    Route("GET", "/services", list_services,
+          reply=reply_object(["services"], services={"type": "array",
+                                                     "items": SERVICE_SCHEMA})),
+    Route("GET", "/services/{name}", get_service, reply=SERVICE_SCHEMA),
     Route("POST", "/services/{name}/{action}", act_service, "admin", {},
-          body_required=False),
+          body_required=False, status=HTTPStatus.OK, reply=SERVICE_SCHEMA),
 ]
 
 
@@ -2310,7 +3012,9 @@ class Deadlines:
                 for sock in expired:
                     del self._deadlines[sock]
                     with contextlib.suppress(OSError):
-                        sock.shutdown(socket.SHUT_RDWR)
+                        # The plain socket's call, also for a TLS socket, whose
+                        # own shutdown() would unwrap it under its reader's feet.
+                        socket.socket.shutdown(sock, socket.SHUT_RDWR)
 
 
 class RequestHandler(http.server.BaseHTTPRequestHandler):
@@ -2394,6 +3098,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         self.started = time.monotonic()
         self.request_id = secrets.token_hex(8)
         self.key_name = "-"
+        self.route = None
         self.body_pending = False
         self.expect_continue = False
         self.extra_headers = {}
@@ -2499,14 +3204,14 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         app = self.server.app
         path, _, query = self.path.partition("?")
         route, params = find_route(self.command, path)
+        self.route = route
         key = self.authenticate(app, route)
         authorize(route, key)
         body = self.read_body(route)
         request = Request(self.command, params, urllib.parse.parse_qs(query), body,
                           key, self.request_id, self.client_address[0])
         with self.server.work_slot():
-            result = route.handler(app, request)
-        return result if isinstance(result, Reply) else Reply(HTTPStatus.OK, result)
+            return call_handler(app, route, request, self.headers.get("Idempotency-Key"))
 
     def authenticate(self, app, route):
         """The key record, rate-limited; None only for routes needing no key."""
@@ -2520,7 +3225,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         allowed, headers = app.limiter.take(identity)
         self.extra_headers.update(headers)
         if not allowed:
-            self.server.stats_rate_limited += 1
+            app.metrics.count_rate_limited()
             raise RateLimited("Too many requests; retry later",
                               {"retry_after": int(headers["Retry-After"])})
         if malformed:
@@ -2546,7 +3251,9 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         """Status line, headers and body in one write (Nagle meets delayed ACK
         otherwise: ~40 ms per keep-alive request)."""
         body = b""
-        if reply.body is not None:
+        if isinstance(reply.body, bytes):  # already encoded, e.g. metrics text
+            body = reply.body
+        elif reply.body is not None:
             # ASCII escapes: a lone surrogate echoed from a client cannot break it.
             body = (json.dumps(reply.body) + "\n").encode("ascii")
         headers = {"Content-Type": "application/json", "Content-Length": str(len(body)),
@@ -2564,7 +3271,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         lines += [f"{name}: {value}" for name, value in headers.items()]
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace")
         self.wfile.write(head if self.command == "HEAD" else head + body)
-        self.log_access(reply.status)
+        self.log_access(reply)
 
     def send_error(self, code, message=None, explain=None):
         """The stdlib's own errors (bad request line, long headers) as JSON."""
@@ -2580,10 +3287,11 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         error = BadRequest(message or status.phrase, {"http_status": status.value})
         self.send_reply(Reply(status, error.body()))
 
-    def log_access(self, status):
+    def log_access(self, reply):
+        status = reply.status
         elapsed = (time.monotonic() - self.started) * 1000
         path = getattr(self, "path", "-").partition("?")[0]
-        self.server.count_request(status)
+        self.server.count_request(self, reply)
         log.info("%s %r %d %.1fms key=%s rid=%s", getattr(self, "command", "-"), path,
                  status.value, elapsed, self.key_name, self.request_id)
 
@@ -2603,7 +3311,7 @@ class PigletServer(http.server.ThreadingHTTPServer):
         self.app = app
         self.deadlines = Deadlines()
         self.stopping = False
-        self.stats_rate_limited = 0
+        self.tls_context = None   # set by serve() when tls.cert is configured
         self._slots = threading.BoundedSemaphore(config["workers"])
         self._lock = threading.Lock()
         self._connections = 0
@@ -2630,8 +3338,20 @@ class PigletServer(http.server.ThreadingHTTPServer):
             with self._lock:
                 self._in_flight -= 1
 
-    def count_request(self, status):
-        pass  # metrics hook
+    def count_request(self, handler, reply):
+        observe_request(self.app, handler, reply)
+
+    def finish_request(self, request, client_address):
+        if self.tls_context is None:
+            super().finish_request(request, client_address)
+            return
+        tls_sock = tls_accept(self, request, client_address)
+        if tls_sock is None:
+            return
+        try:
+            super().finish_request(tls_sock, client_address)
+        finally:
+            tls_sock.close()
 
     def process_request(self, request, client_address):
         with self._lock:
@@ -2726,15 +3446,22 @@ def housekeeping(app, server):
 
 
 def serve(config, config_file):
+    try:
+        context = tls_context(config["tls"])
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return 2
     app = App(config, config_file)
     server = PigletServer(app)
+    server.tls_context = context
     host, port = server.server_address[:2]
-    if config["listen"] not in ("127.0.0.1", "::1", "localhost") and not config["tls"]["cert"]:
-        log.warning("listening on %s without TLS: keys cross the network in clear", host)
+    warning = listen_warning(config)
+    if warning:
+        log.warning("%s", warning)
     install_signal_handlers(server, app)
     threading.Thread(target=housekeeping, args=(app, server), daemon=True).start()
-    log.info("piglet %s listening on %s:%d (postgres: %s)", VERSION, host, port,
-             redact_dsn(config["postgres"]["dsn"]))
+    log.info("piglet %s listening on %s:%d over %s (postgres: %s)", VERSION, host, port,
+             "https" if context else "http", redact_dsn(config["postgres"]["dsn"]))
     sd_notify("READY=1")
     server.serve_forever(poll_interval=0.5)
     server.socket.close()  # new connections are refused at once, not left hanging
