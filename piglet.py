@@ -61,9 +61,11 @@ import pwd
 import re
 import secrets
 import select
+import shutil
 import signal
 import socket
 import ssl
+import stat
 import stringprep
 import subprocess
 import sys
@@ -1961,8 +1963,981 @@ BACKUP_ROUTES = []
 # ---------------------------------------------------------------------------
 # Snapshots: workspace files and databases together
 # ---------------------------------------------------------------------------
+#
+# A snapshot is a directory under snapshots.dir (root only, 0700):
+#   <name>/snapshot.json   summary: name, description, created_at, paths, database
+#   <name>/manifest.json   every entry of every workspace tree (type, mode,
+#                          owner, size, mtime, symlink target)
+#   <name>/files/<i>/...   the regular files of workspace tree i, read-only
+#   <name>/db/...          the databases (logical: roles.sql and one dump each)
+# It is written under a dot name and renamed into place when complete, so a
+# failed snapshot leaves nothing listed.  An unchanged file is a hard link to
+# the previous snapshot's copy, never to the live file: stored files are
+# immutable, and restores copy out of them.
 
-SNAPSHOT_ROUTES = []
+SNAPSHOT_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+SNAPSHOT_JOB_KINDS = ("snapshot", "snapshot-restore")
+DESCRIPTION_MAX_CHARS = 1000
+PG_TOOL_TIMEOUT = 6 * 3600      # one pg_dump, pg_restore or psql run
+COPY_CHUNK = 1 << 24            # bytes per copy_file_range or read
+COPY_ATTEMPTS = 3               # a file that changes while copied is read again
+STORED_MODE = 0o400             # stored copies are shared by links: never written
+FICLONE = 0x40049409            # ioctl sharing extents (btrfs, xfs); ext4 has none
+# A file changed within this long before we looked may change again in the
+# same timestamp tick ("racy git"); its ctime is not trusted later.
+RACY_NS = 1_000_000_000
+WORKSPACE_STATE = ".workspace.json"   # which snapshot the workspace was restored to
+
+
+def check_snapshot_name(name):
+    """Before any path is built: 1-63 of [A-Za-z0-9._-], a letter or digit first."""
+    if not isinstance(name, str) or not SNAPSHOT_NAME_RE.fullmatch(name):
+        raise BadRequest("Invalid snapshot name: 1 to 63 characters of A-Z a-z 0-9 . _ -, "
+                         "starting with a letter or digit", {"field": "name"})
+
+
+def snapshots_root(app, create=False):
+    root = app.config["snapshots"]["dir"]
+    if create:
+        os.makedirs(root, mode=0o700, exist_ok=True)
+    return os.path.realpath(root)
+
+
+def snapshot_path(app, name):
+    """Where `name` lives; resolved, then checked to be a plain child of the root."""
+    check_snapshot_name(name)
+    root = snapshots_root(app)
+    path = os.path.join(root, name)
+    if os.path.realpath(path) != path:
+        raise NotFound("Snapshot not found", {"snapshot": name})
+    return path
+
+
+def read_json(path):
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    with os.fdopen(fd, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def write_json(path, obj):
+    # ASCII escapes keep file names that are not UTF-8 (surrogate escapes) intact.
+    atomic_write(path, json.dumps(obj, separators=(",", ":")).encode("ascii"))
+
+
+def load_summary(app, name):
+    """snapshot.json of a complete snapshot; 400 bad name, 404 none."""
+    path = snapshot_path(app, name)
+    try:
+        return read_json(os.path.join(path, "snapshot.json"))
+    except (FileNotFoundError, NotADirectoryError):
+        raise NotFound("Snapshot not found", {"snapshot": name}) from None
+
+
+def all_summaries(app):
+    """Every complete snapshot's summary, newest first."""
+    root = snapshots_root(app)
+    try:
+        names = [n for n in os.listdir(root) if SNAPSHOT_NAME_RE.fullmatch(n)]
+    except FileNotFoundError:
+        return []
+    found = []
+    for name in names:
+        try:
+            found.append(load_summary(app, name))
+        except NotFound:
+            pass
+        except (OSError, ValueError) as exc:
+            log.warning("snapshot %r unreadable: %s", name, exc)
+    return sorted(found, key=lambda s: s["created_ns"], reverse=True)
+
+
+def public_snapshot(summary):
+    db = summary["database"]
+    database = {k: v for k, v in db.items() if k not in ("roles", "dumps")}
+    if "dumps" in db:
+        database["databases"] = [d["name"] for d in db["dumps"]]
+    return {"name": summary["name"], "description": summary["description"],
+            "created_at": summary["created_at"], "size": human_size(summary["size_bytes"]),
+            "size_bytes": summary["size_bytes"], "files": summary["files"],
+            "paths": [t["path"] for t in summary["trees"]], "database": database,
+            "added": human_size(summary["added_bytes"]),
+            "added_bytes": summary["added_bytes"]}
+
+
+# -- configuration checks -----------------------------------------------------
+
+
+def overlaps(a, b):
+    return a == b or a.startswith(b.rstrip("/") + "/") or b.startswith(a.rstrip("/") + "/")
+
+
+def workspace_paths(app, extra=()):
+    """The configured workspace paths (plus `extra`), resolved and checked.
+
+    A workspace may not overlap Piglet's own directories or PostgreSQL's data
+    directory: a restore would roll those back too.
+    """
+    config = app.config
+    paths = []
+    for given in list(config["snapshots"]["paths"]) + list(extra):
+        if not os.path.isabs(given):
+            raise snapshots_misconfigured(f"workspace path {given!r} is not absolute")
+        real = os.path.realpath(given)
+        if real not in paths:
+            paths.append(real)
+    pg = app.postgres_info()
+    own = {"snapshots.dir": snapshots_root(app), "state_dir": config["state_dir"],
+           "backups.dir": config["backups"]["dir"],
+           "PostgreSQL's data directory": pg and pg["data_dir"]}
+    for path in paths:
+        for what, other in own.items():
+            if other and overlaps(path, os.path.realpath(other)):
+                raise snapshots_misconfigured(f"workspace path {path!r} overlaps {what}")
+        if any(p != path and overlaps(p, path) for p in paths):
+            raise snapshots_misconfigured(f"workspace path {path!r} overlaps another one")
+    return paths
+
+
+def check_workspace_dir(path):
+    if not os.path.isdir(path):
+        raise snapshots_misconfigured(f"workspace path {path!r} is not a directory")
+
+
+def snapshots_misconfigured(message):
+    return Unavailable(f"Snapshots are not set up: {message}", "snapshots")
+
+
+def check_stop_services(app):
+    for name in app.config["snapshots"]["stop_services"]:
+        if name not in app.config["services"]:
+            raise snapshots_misconfigured(f"stop_services names unknown service {name!r}")
+
+
+def require_postgres(app):
+    app.db.health.invalidate()
+    if app.postgres_info() is None:
+        raise Unavailable("PostgreSQL is unreachable", "postgres")
+
+
+# -- walking and copying files ------------------------------------------------
+
+
+def entry_type(mode):
+    for kind, test in (("file", stat.S_ISREG), ("dir", stat.S_ISDIR),
+                       ("symlink", stat.S_ISLNK), ("fifo", stat.S_ISFIFO)):
+        if test(mode):
+            return kind
+    return None  # sockets and devices are not kept
+
+
+def walk_tree(root):
+    """(relative path, lstat) of root ('') and all below it, parents first.
+
+    Symlinks are recorded, never followed.  Entries that vanish while we
+    look (the workspace may be in use) are skipped.
+    """
+    yield "", os.lstat(root)
+    stack = [""]
+    while stack:
+        rel = stack.pop()
+        try:
+            with os.scandir(os.path.join(root, rel)) as listing:
+                children = sorted(listing, key=lambda e: e.name)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        for child in children:
+            sub = os.path.join(rel, child.name)
+            try:
+                st = child.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            yield sub, st
+            if stat.S_ISDIR(st.st_mode):
+                stack.append(sub)
+
+
+def stat_fields(st):
+    """What a manifest entry records of one lstat."""
+    fields = {"mode": stat.S_IMODE(st.st_mode), "uid": st.st_uid, "gid": st.st_gid,
+              "mtime_ns": st.st_mtime_ns}
+    if stat.S_ISREG(st.st_mode):
+        racy = time.time_ns() - st.st_ctime_ns < RACY_NS
+        fields.update(size=st.st_size, ino=st.st_ino,
+                      ctime_ns=None if racy else st.st_ctime_ns)
+    return fields
+
+
+def untouched(old, st):
+    """The file has not been written, chmod'ed or replaced since `old` was recorded."""
+    return (old.get("ctime_ns") is not None and old["ino"] == st.st_ino
+            and old["ctime_ns"] == st.st_ctime_ns and old["size"] == st.st_size
+            and old["mtime_ns"] == st.st_mtime_ns)
+
+
+def is_regular_file(path):
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return False
+
+
+def same_metadata(old, entry):
+    return all(old.get(k) == entry.get(k)
+               for k in ("type", "size", "mtime_ns", "mode", "uid", "gid"))
+
+
+def files_equal(path_a, path_b):
+    with open(path_a, "rb") as a, open(path_b, "rb") as b:
+        while True:
+            chunk = a.read(COPY_CHUNK)
+            if chunk != b.read(COPY_CHUNK):
+                return False
+            if not chunk:
+                return True
+
+
+def copy_data(src_fd, dst_fd):
+    """Every byte of src into dst, inside the kernel where it can."""
+    offset = 0
+    with contextlib.suppress(OSError):  # EXDEV, ENOSYS...: fall back to reads
+        while count := os.copy_file_range(src_fd, dst_fd, COPY_CHUNK, offset, offset):
+            offset += count
+        return
+    while data := os.pread(src_fd, COPY_CHUNK, offset):
+        offset += os.pwrite(dst_fd, data, offset)
+
+
+class Copier:
+    """Copies file contents, sharing extents (reflink) where the filesystem can."""
+
+    def __init__(self):
+        self.no_reflink = set()   # devices where FICLONE failed once
+
+    def copy(self, src_fd, dst_fd, device):
+        if device not in self.no_reflink:
+            try:
+                fcntl.ioctl(dst_fd, FICLONE, src_fd)
+                return
+            except OSError:
+                self.no_reflink.add(device)
+        copy_data(src_fd, dst_fd)
+
+
+class TreeSnapshot:
+    """Stores one workspace tree into `dest`, sharing unchanged files with bases.
+
+    `bases` are (stored tree dir, {relative path: entry}) of earlier
+    snapshots: the newest one, and the one last restored.
+    """
+
+    def __init__(self, job, copier, root, dest, bases):
+        self.job, self.copier, self.root, self.dest = job, copier, root, dest
+        self.bases = bases
+        self.inner_links = {}   # (dev, ino) -> first path, for hard-linked files
+        self.added_bytes = 0
+        self.skipped = 0
+
+    def run(self, progress):
+        os.mkdir(self.dest, 0o700)
+        entries = []
+        for rel, st in walk_tree(self.root):
+            kind = entry_type(st.st_mode)
+            if kind is None:
+                self.skipped += 1
+                continue
+            entry = dict({"path": rel, "type": kind}, **stat_fields(st))
+            if kind == "dir" and rel:
+                os.mkdir(os.path.join(self.dest, rel), 0o700)
+            elif kind == "symlink":
+                entry["target"] = os.readlink(os.path.join(self.root, rel))
+            elif kind == "file":
+                if not self.store(rel, st, entry):
+                    continue
+                progress(entry["size"])
+            entries.append(entry)
+        if self.skipped:
+            self.job.log(f"{self.root}: {self.skipped} sockets or devices not kept")
+        return entries
+
+    def store(self, rel, st, entry):
+        """Put the file in the snapshot; False when it vanished meanwhile."""
+        target = os.path.join(self.dest, rel)
+        key = (st.st_dev, st.st_ino) if st.st_nlink > 1 else None
+        first = self.inner_links.get(key)
+        if first is not None:   # hard-linked in the workspace: linked here too
+            os.link(os.path.join(self.dest, first), target)
+            entry["link"] = first
+            return True
+        stored = self.share(rel, st, entry, target) or self.copy_in(rel, entry, target)
+        if stored and key:
+            self.inner_links[key] = rel
+        return stored
+
+    def share(self, rel, st, entry, target):
+        """Hard-link the copy an earlier snapshot holds, if the file is the same."""
+        for base_dir, base_entries in self.bases:
+            old = base_entries.get(rel)
+            if old is None or not same_metadata(old, entry):
+                continue
+            stored = os.path.join(base_dir, rel)
+            try:
+                if untouched(old, st) or files_equal(os.path.join(self.root, rel), stored):
+                    os.link(stored, target)
+                    return True
+            except OSError:   # gone meanwhile, or EMLINK: a copy will do
+                continue
+        return False
+
+    def copy_in(self, rel, entry, target):
+        source = os.path.join(self.root, rel)
+        for _ in range(COPY_ATTEMPTS):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(target)
+            try:
+                # O_NONBLOCK: a FIFO swapped in meanwhile must not hang us.
+                src = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            except OSError:
+                if is_regular_file(source):
+                    raise
+                return False   # gone, or replaced by a symlink, meanwhile
+            try:
+                before = os.fstat(src)
+                if not stat.S_ISREG(before.st_mode):
+                    return False
+                self.copy_to(src, target, before)
+                after = os.fstat(src)
+            finally:
+                os.close(src)
+            entry.update(stat_fields(before))
+            if (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns):
+                break
+        else:
+            self.job.log(f"{source}: kept changing while copied; stored as last read")
+        self.added_bytes += entry["size"]
+        return True
+
+    def copy_to(self, src, target, st):
+        dst = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+                      STORED_MODE)
+        try:
+            self.copier.copy(src, dst, st.st_dev)
+            # The real mtime helps someone browsing the store; the manifest rules.
+            os.utime(dst, ns=(st.st_mtime_ns, st.st_mtime_ns))
+        finally:
+            os.close(dst)
+
+
+def tree_bases(bases, root):
+    found = []
+    for path, manifest in bases:
+        for index, tree in enumerate(manifest["trees"]):
+            if tree["path"] == root:
+                found.append((os.path.join(path, "files", str(index)),
+                              {e["path"]: e for e in tree["entries"]}))
+    return found
+
+
+# -- restoring files ----------------------------------------------------------
+
+
+def remove_path(path, kind):
+    if kind == "dir":
+        shutil.rmtree(path)
+    else:
+        os.unlink(path)
+
+
+def temp_name(path):
+    return os.path.join(os.path.dirname(path), f".piglet-restore-{secrets.token_hex(6)}")
+
+
+class TreeRestore:
+    """Makes one live tree equal to a stored one.
+
+    Files are copied out of the snapshot (never linked: the store must stay
+    immutable) into a temporary name and renamed over the live path.
+    """
+
+    def __init__(self, copier, root, stored, entries, pre):
+        self.copier, self.root, self.stored = copier, root, stored
+        self.entries = entries
+        self.want = {e["path"]: e for e in entries}
+        self.pre = pre          # (stored dir, entries) of the pre-restore snapshot
+        self.counts = {"copied": 0, "unchanged": 0, "removed": 0}
+        self.as_root = os.geteuid() == 0
+
+    def run(self):
+        if not os.path.lexists(self.root):
+            os.makedirs(self.root, 0o700)   # mode and owner follow from the manifest
+        if not stat.S_ISDIR(os.lstat(self.root).st_mode):
+            raise ApiError(f"Workspace path {self.root!r} is not a directory",
+                           {"path": self.root})
+        self.remove_unwanted()
+        for entry in self.entries:
+            self.put(entry, self.live(entry["path"]))
+        for entry in reversed(self.entries):  # children first: their changes touch parents
+            if entry["type"] == "dir":
+                self.set_metadata(self.live(entry["path"]), entry)
+        return self.counts
+
+    def live(self, rel):
+        return os.path.join(self.root, rel) if rel else self.root
+
+    def remove_unwanted(self):
+        """Delete what the snapshot does not have, or has as another type."""
+        stack = [""]
+        while stack:
+            rel = stack.pop()
+            with os.scandir(os.path.join(self.root, rel)) as listing:
+                children = list(listing)
+            for child in children:
+                sub = os.path.join(rel, child.name)
+                kind = entry_type(child.stat(follow_symlinks=False).st_mode)
+                wanted = self.want.get(sub)
+                if wanted is None or wanted["type"] != kind:
+                    remove_path(child.path, kind)
+                    self.counts["removed"] += 1
+                elif kind == "dir":
+                    stack.append(sub)
+
+    def put(self, entry, path):
+        kind = entry["type"]
+        live = os.lstat(path) if os.path.lexists(path) else None
+        if kind == "dir":
+            if live is None:
+                os.mkdir(path, 0o700)
+        elif kind == "file" and entry.get("link"):
+            self.put_link(entry, path, live)
+        elif kind == "file":
+            self.put_file(entry, path, live)
+        elif kind == "symlink":
+            self.put_symlink(entry, path, live)
+        elif live is None:
+            tmp = temp_name(path)
+            os.mkfifo(tmp, 0o600)
+            os.replace(tmp, path)
+        if kind != "dir":
+            self.set_metadata(path, entry)
+
+    def put_file(self, entry, path, live):
+        if live is not None and self.same_content(entry, live):
+            self.counts["unchanged"] += 1
+            return
+        tmp = temp_name(path)
+        with open(os.path.join(self.stored, entry["path"]), "rb") as src:
+            dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            try:
+                self.copier.copy(src.fileno(), dst, os.fstat(src.fileno()).st_dev)
+            finally:
+                os.close(dst)
+        try:
+            self.set_metadata(tmp, entry)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+        self.counts["copied"] += 1
+
+    def same_content(self, entry, live):
+        """Cheap proof that the live file holds the stored bytes, else False."""
+        if live.st_size != entry["size"]:
+            return False
+        if untouched(entry, live):
+            return True   # not written since this very snapshot
+        pre_dir, pre_entries = self.pre
+        old = pre_entries.get(entry["path"])
+        if old is None or old.get("type") != "file" or not untouched(old, live):
+            return False
+        # Unchanged since the pre-restore snapshot, which stored it as the
+        # same inode as this snapshot's copy: the same bytes.
+        try:
+            mine = os.stat(os.path.join(self.stored, entry["path"]))
+            theirs = os.stat(os.path.join(pre_dir, entry["path"]))
+        except FileNotFoundError:
+            return False
+        return (mine.st_dev, mine.st_ino) == (theirs.st_dev, theirs.st_ino)
+
+    def put_link(self, entry, path, live):
+        first = os.path.join(self.root, entry["link"])
+        if live is not None and live.st_ino == os.lstat(first).st_ino:
+            return
+        tmp = temp_name(path)
+        os.link(first, tmp)
+        os.replace(tmp, path)
+
+    def put_symlink(self, entry, path, live):
+        if live is not None and os.readlink(path) == entry["target"]:
+            return
+        tmp = temp_name(path)
+        os.symlink(entry["target"], tmp)
+        os.replace(tmp, path)
+
+    def set_metadata(self, path, entry):
+        """Owner, then mode (chown clears set-id bits), then mtime; no symlink followed."""
+        live = os.lstat(path)
+        is_link = entry["type"] == "symlink"
+        if self.as_root and (live.st_uid, live.st_gid) != (entry["uid"], entry["gid"]):
+            os.lchown(path, entry["uid"], entry["gid"])
+        if not is_link and stat.S_IMODE(os.lstat(path).st_mode) != entry["mode"]:
+            os.chmod(path, entry["mode"])
+        if live.st_mtime_ns != entry["mtime_ns"]:
+            os.utime(path, ns=(live.st_atime_ns, entry["mtime_ns"]), follow_symlinks=False)
+
+
+def restore_files(app, job, path, pre_path):
+    """Every tree of the snapshot at `path` back in place; returns counts."""
+    manifest = read_json(os.path.join(path, "manifest.json"))
+    pre_manifest = read_json(os.path.join(pre_path, "manifest.json"))
+    copier, totals = Copier(), {"copied": 0, "unchanged": 0, "removed": 0}
+    for index, tree in enumerate(manifest["trees"]):
+        pre = (tree_bases([(pre_path, pre_manifest)], tree["path"]) or [(None, {})])[0]
+        counts = TreeRestore(copier, tree["path"], os.path.join(path, "files", str(index)),
+                             tree["entries"], pre).run()
+        job.log(f"{tree['path']}: {counts['copied']} copied back, {counts['unchanged']} "
+                f"unchanged, {counts['removed']} removed")
+        totals = {k: totals[k] + counts[k] for k in totals}
+    os.sync()
+    return totals
+
+
+# ---------------------------------------------------------------------------
+# Snapshots, continued: databases, jobs and routes
+# ---------------------------------------------------------------------------
+
+# -- databases: logical dumps -------------------------------------------------
+
+
+def mask_secrets(text):
+    return re.sub(r"(?i)(PASSWORD\s+)'(?:[^']|'')*'", r"\1'***'",
+                  re.sub(r"SCRAM-SHA-256\$\S+", "***", text))
+
+
+def pg_tool(app, name):
+    """The tool of the server's major version where Debian keeps it, else PATH's."""
+    with app.db.connection() as conn:
+        version = int(conn.execute("SHOW server_version_num").fetchone()[0])
+    path = f"/usr/lib/postgresql/{version // 10000}/bin/{name}"
+    return path if os.path.exists(path) else name
+
+
+def pg_tool_env(app, dbname):
+    """libpq settings for a tool run as postgres.os_user.
+
+    The database name goes in PGDATABASE, never -d: a name like
+    "host=elsewhere" would be read as a connection string.
+    """
+    params = psycopg.conninfo.conninfo_to_dict(app.config["postgres"]["dsn"])
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C.UTF-8",
+           "PGAPPNAME": "piglet", "PGDATABASE": dbname,
+           "PGUSER": app.config["postgres"]["os_user"],
+           "PGCONNECT_TIMEOUT": str(app.config["postgres"]["connect_timeout"])}
+    for key, var in (("host", "PGHOST"), ("port", "PGPORT"), ("sslmode", "PGSSLMODE")):
+        if params.get(key):
+            env[var] = str(params[key])
+    return env
+
+
+def run_pg_tool(app, job, argv, dbname="template1", stdin=None, stdout=None, data=None):
+    """Run a PostgreSQL client tool as postgres.os_user.
+
+    Piglet opens the snapshot's files itself and hands them over as stdin or
+    stdout, so that user never needs access to the snapshot directory.
+    """
+    user = app.config["postgres"]["os_user"]
+    kwargs = {}
+    try:
+        if user != current_user():
+            kwargs.update(user=user, group=primary_group(user), extra_groups=[])
+        feed = {"input": data} if data is not None else {"stdin": stdin or subprocess.DEVNULL}
+        result = subprocess.run(
+            argv, stdout=stdout or subprocess.PIPE, stderr=subprocess.PIPE, cwd="/",
+            timeout=PG_TOOL_TIMEOUT, env=pg_tool_env(app, dbname), **feed, **kwargs)
+    except (KeyError, FileNotFoundError) as exc:
+        raise Unavailable(f"Cannot run {os.path.basename(argv[0])}: {first_line(exc)}",
+                          "postgres") from None
+    except subprocess.TimeoutExpired:
+        raise Unavailable(f"{os.path.basename(argv[0])} timed out", "postgres") from None
+    errors = mask_secrets(result.stderr.decode("utf-8", "replace")).strip()
+    for line in errors.splitlines()[-10:]:
+        job.log(line)
+    if result.returncode != 0:
+        tool = os.path.basename(argv[0])
+        raise Unavailable(f"{tool} failed: {errors.splitlines()[-1] if errors else ''}",
+                          "postgres", {"tool": tool, "exit_code": result.returncode})
+    return result.stdout
+
+
+def dump_databases(app, job, dest):
+    """Roles (pg_dumpall --roles-only) and each database (pg_dump -Fc) into dest."""
+    os.mkdir(dest, 0o700)
+    rows = app.db.query("SELECT datname, datallowconn FROM pg_database "
+                        "WHERE NOT datistemplate ORDER BY datname")
+    for row in rows:
+        if not row["datallowconn"]:
+            job.log(f"database {row['datname']!r} allows no connections: not kept")
+    with open(os.path.join(dest, "roles.sql"), "xb") as out:
+        run_pg_tool(app, job, [pg_tool(app, "pg_dumpall"), "--roles-only", "-w"],
+                    stdout=out)
+    dumps = []
+    for index, row in enumerate(r for r in rows if r["datallowconn"]):
+        path = os.path.join(dest, f"{index}.dump")
+        with open(path, "xb") as out:
+            run_pg_tool(app, job, [pg_tool(app, "pg_dump"), "-Fc", "-w"],
+                        dbname=row["datname"], stdout=out)
+        dumps.append({"name": row["datname"], "file": f"{index}.dump",
+                      "size_bytes": os.path.getsize(path)})
+        job.log(f"dumped database {row['datname']!r} ({human_size(dumps[-1]['size_bytes'])})")
+    size = os.path.getsize(os.path.join(dest, "roles.sql"))
+    size += sum(d["size_bytes"] for d in dumps)
+    return {"method": "logical", "roles": "roles.sql", "dumps": dumps,
+            "size": human_size(size), "size_bytes": size}
+
+
+# Never dropped: the bootstrap superuser, the role Piglet connects as, and the
+# role the tools connect as.
+KEPT_ROLES_SQL = ("SELECT rolname FROM pg_roles WHERE oid = 10 OR rolname = session_user "
+                  "OR rolname = %s")
+
+
+def check_dumps(app, job, db_dir, info):
+    """Read every dump's table of contents: a damaged one fails the restore
+    before anything is touched."""
+    pg_restore = pg_tool(app, "pg_restore")
+    for dump in info["dumps"]:
+        with open(os.path.join(db_dir, dump["file"]), "rb") as src:
+            run_pg_tool(app, job, [pg_restore, "-l"], stdin=src)
+
+
+def restore_databases(app, job, db_dir, info):
+    """Drop every database and role made since, then recreate from the dumps."""
+    tools = {t: pg_tool(app, t) for t in ("pg_restore", "psql")}
+    with open(os.path.join(db_dir, info["roles"]), "rb") as handle:
+        roles_sql = handle.read()
+    app.db.close()   # our idle sessions would only be terminated
+    try:
+        with app.db.connect("template1") as conn:
+            conn.execute("SET statement_timeout = 0")
+            drop_databases(conn, job)
+            kept = drop_roles(conn, job, app.config["postgres"]["os_user"])
+        run_pg_tool(app, job, [tools["psql"], "-X", "-q", "-w", "-v", "ON_ERROR_STOP=1"],
+                    data=without_create_role(roles_sql, kept))
+        for dump in info["dumps"]:
+            with open(os.path.join(db_dir, dump["file"]), "rb") as src:
+                run_pg_tool(app, job, [tools["pg_restore"], "--create", "--exit-on-error",
+                                       "-w", "-d", "template1"], stdin=src)
+            job.log(f"restored database {dump['name']!r}")
+    finally:
+        app.db.close()
+        app.db.health.invalidate()
+    return [d["name"] for d in info["dumps"]]
+
+
+def drop_databases(conn, job):
+    # Databases that allow no connections could not be dumped: left alone.
+    names = [r[0] for r in conn.execute(
+        "SELECT datname FROM pg_database WHERE NOT datistemplate AND datallowconn")]
+    for name in names:
+        conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+    job.log(f"dropped {len(names)} databases")
+
+
+def drop_roles(conn, job, os_user):
+    """Drop the roles that the dump will recreate; returns the names kept."""
+    kept = {r[0] for r in conn.execute(KEPT_ROLES_SQL, (os_user,))}
+    names = [r[0] for r in conn.execute(
+        "SELECT rolname FROM pg_roles WHERE rolname !~ '^pg_' ORDER BY rolname")]
+    for name in names:
+        if name in kept:
+            conn.execute(sql.SQL("ALTER ROLE {} RESET ALL").format(sql.Identifier(name)))
+            continue
+        try:
+            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(name)))
+        except psycopg.errors.DependentObjectsStillReferenced as exc:
+            # Owns something in template1 or a tablespace: keep it and say so.
+            job.log(f"role {name!r} kept: {first_line(exc)}")
+            kept.add(name)
+    return kept
+
+
+def without_create_role(script, kept):
+    """pg_dumpall's role script minus CREATE ROLE of roles that still exist."""
+    lines = []
+    for line in script.split(b"\n"):
+        match = re.fullmatch(rb"CREATE ROLE (.+);", line)
+        if match:
+            ident = match.group(1).decode("utf-8", "surrogateescape")
+            if ident.startswith('"'):
+                ident = ident[1:-1].replace('""', '"')
+            if ident in kept:
+                continue
+        lines.append(line)
+    return b"\n".join(lines)
+
+
+# -- creating a snapshot ------------------------------------------------------
+
+
+def base_snapshots(app):
+    """Snapshots to share unchanged files with: the newest, and the one the
+    workspace was last restored to (its files come back as new inodes)."""
+    summaries = all_summaries(app)
+    names = [summaries[0]["name"]] if summaries else []
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        state = read_json(os.path.join(snapshots_root(app), WORKSPACE_STATE))
+        if state["restored"] not in names:
+            names.append(state["restored"])
+    bases = []
+    for name in names:
+        with contextlib.suppress(ApiError, OSError, ValueError):
+            path = snapshot_path(app, name)
+            bases.append((path, read_json(os.path.join(path, "manifest.json"))))
+    return bases
+
+
+def clean_leftovers(root):
+    """Half-written or half-deleted snapshots from a crash."""
+    for name in os.listdir(root):
+        if name.startswith((".tmp-", ".deleting-")):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def build_snapshot(app, job, name, description, paths, missing_ok=False):
+    """Write snapshot `name` completely, then rename it into place.
+
+    missing_ok: leave out workspace paths that do not exist (the snapshot
+    taken before a restore that brings such a path back)."""
+    root = snapshots_root(app, create=True)
+    clean_leftovers(root)
+    created = time.time_ns()
+    tmp = os.path.join(root, f".tmp-{name}-{secrets.token_hex(4)}")
+    os.mkdir(tmp, 0o700)
+    try:
+        trees, added = snapshot_files(app, job, tmp, paths, missing_ok)
+        database = dump_databases(app, job, os.path.join(tmp, "db"))
+        summary = snapshot_summary(name, description, created, trees, database, added)
+        write_json(os.path.join(tmp, "manifest.json"), {"trees": trees})
+        write_json(os.path.join(tmp, "snapshot.json"), summary)
+        os.sync()   # the snapshot is whole on disk before it is listed
+        if os.path.lexists(os.path.join(root, name)):
+            raise Conflict("Snapshot already exists", {"snapshot": name})
+        os.rename(tmp, os.path.join(root, name))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_dir(root)
+    job.log(f"snapshot {name}: {summary['files']} files, "
+            f"{human_size(summary['added_bytes'])} new on disk")
+    return summary
+
+
+def fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def snapshot_files(app, job, tmp, paths, missing_ok):
+    """Each workspace tree into tmp/files/<i>; returns (trees, bytes added)."""
+    os.mkdir(os.path.join(tmp, "files"), 0o700)
+    bases, copier, trees, added = base_snapshots(app), Copier(), [], 0
+    # Progress is a guess from the newest snapshot's size; none for the first.
+    expected = bases and sum(e.get("size", 0) for t in bases[0][1]["trees"]
+                             for e in t["entries"] if "link" not in e)
+    done = [0]
+
+    def progress(size):
+        done[0] += size
+        if expected:
+            job.set_progress(min(90, done[0] * 90 // expected))
+
+    for root in paths:
+        if missing_ok and not os.path.lexists(root):
+            continue
+        check_workspace_dir(root)
+        tree = TreeSnapshot(job, copier, root, os.path.join(tmp, "files", str(len(trees))),
+                            tree_bases(bases, root))
+        trees.append({"path": root, "entries": tree.run(progress)})
+        added += tree.added_bytes
+    return trees, added
+
+
+def snapshot_summary(name, description, created_ns, trees, database, added):
+    files = [e for t in trees for e in t["entries"] if e["type"] == "file"]
+    file_bytes = sum(e["size"] for e in files if "link" not in e)
+    return {"name": name, "description": description, "created_ns": created_ns,
+            "created_at": utc_iso(created_ns / 1e9), "files": len(files),
+            "trees": [{"path": t["path"]} for t in trees], "database": database,
+            "size_bytes": file_bytes + database["size_bytes"],
+            "added_bytes": added + database["size_bytes"]}
+
+
+# -- restoring: services and the whole job ------------------------------------
+
+
+def stop_services(app, job):
+    """Stop the services in snapshots.stop_services that run; returns their names."""
+    stopped = []
+    for name in app.config["snapshots"]["stop_services"]:
+        if name == app.config["postgres"]["service"]:
+            job.log(f"service {name} not stopped: the database restore handles PostgreSQL")
+            continue
+        if app.services.get(name)["status"] == "stopped":
+            continue
+        try:
+            app.services.act(name, "stop")
+        except ApiError:
+            start_services(app, job, stopped)
+            raise
+        job.log(f"service {name} stopped")
+        stopped.append(name)
+    return stopped
+
+
+def start_services(app, job, names):
+    """Start each of `names`; returns {name: error message} for those that failed."""
+    failed = {}
+    for name in names:
+        try:
+            app.services.act(name, "start")
+            job.log(f"service {name} started")
+        except ApiError as exc:
+            failed[name] = exc.message
+            job.log(f"service {name} failed to start: {exc.message}")
+    return failed
+
+
+def pre_restore_name(app):
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    name, count = f"pre-restore-{stamp}", 1
+    while os.path.lexists(os.path.join(snapshots_root(app), name)):
+        count += 1
+        name = f"pre-restore-{stamp}-{count}"
+    return name
+
+
+def restore_work(app, job, name):
+    """Stop services, keep the present, put files and databases back, start again."""
+    path = snapshot_path(app, name)
+    summary = read_json(os.path.join(path, "snapshot.json"))
+    paths = workspace_paths(app, [t["path"] for t in summary["trees"]])
+    stopped = stop_services(app, job)
+    try:
+        result = restore_steps(app, job, name, path, summary, paths)
+    except BaseException as exc:
+        failed = start_services(app, job, stopped)
+        if failed and isinstance(exc, ApiError):
+            exc.details["services_not_started"] = failed
+        raise
+    failed = start_services(app, job, stopped)
+    if failed:
+        raise Unavailable(f"Restored {name}, but services did not start: "
+                          + ", ".join(failed), "services",
+                          {"services": failed, "pre_restore": result["pre_restore"]})
+    return dict(result, services_restarted=stopped)
+
+
+def restore_steps(app, job, name, path, summary, paths):
+    check_dumps(app, job, os.path.join(path, "db"), summary["database"])
+    pre_name = pre_restore_name(app)
+    build_snapshot(app, job, pre_name, f"Taken before restoring {name}", paths,
+                   missing_ok=True)
+    job.set_progress(50)
+    try:
+        files = restore_files(app, job, path, snapshot_path(app, pre_name))
+        write_json(os.path.join(snapshots_root(app), WORKSPACE_STATE), {"restored": name})
+        job.set_progress(70)
+        databases = restore_databases(app, job, os.path.join(path, "db"),
+                                      summary["database"])
+    except ApiError as exc:
+        exc.details["pre_restore"] = pre_name
+        raise
+    except (OSError, psycopg.Error) as exc:
+        raise ApiError(f"Restore failed: {first_line(exc)}",
+                       {"pre_restore": pre_name}) from None
+    return {"snapshot": name, "pre_restore": pre_name, "files": files,
+            "databases": databases}
+
+
+# -- handlers -----------------------------------------------------------------
+
+
+def list_snapshots(app, req):
+    """200: every complete snapshot, newest first."""
+    return {"snapshots": [public_snapshot(s) for s in all_summaries(app)]}
+
+
+def get_snapshot(app, req):
+    """200; 400 invalid name; 404 no such snapshot."""
+    return public_snapshot(load_summary(app, req.params["name"]))
+
+
+def create_snapshot(app, req):
+    """202 job; 400 invalid name or description; 409 name taken or another
+    cluster-wide job running; 503 PostgreSQL down or workspace paths unusable."""
+    name, description = req.body["name"], req.body.get("description")
+    check_snapshot_name(name)
+    if description is not None and (len(description) > DESCRIPTION_MAX_CHARS
+                                    or "\0" in description):
+        raise BadRequest(f"description: at most {DESCRIPTION_MAX_CHARS} characters, no NUL",
+                         {"field": "description"})
+    if os.path.lexists(os.path.join(snapshots_root(app), name)):
+        raise Conflict("Snapshot already exists", {"snapshot": name})
+    require_postgres(app)
+    paths = workspace_paths(app)
+    for path in paths:
+        check_workspace_dir(path)
+    job = app.jobs.submit("snapshot", {"name": name, "description": description},
+                          lambda job: public_snapshot(
+                              build_snapshot(app, job, name, description, paths)))
+    return job_accepted(job)
+
+
+def restore_snapshot(app, req):
+    """202 job; 400 invalid name; 404 no such snapshot; 409 another cluster-wide
+    job running; 503 PostgreSQL down or snapshots misconfigured."""
+    name = req.params["name"]
+    summary = load_summary(app, name)
+    require_postgres(app)
+    workspace_paths(app, [t["path"] for t in summary["trees"]])
+    check_stop_services(app)
+    job = app.jobs.submit("snapshot-restore", {"name": name},
+                          lambda job: restore_work(app, job, name))
+    return job_accepted(job)
+
+
+def delete_snapshot(app, req):
+    """204; 400 invalid name; 404 no such snapshot; 409 while a snapshot job runs."""
+    name = req.params["name"]
+    load_summary(app, name)
+    path = snapshot_path(app, name)
+    trash = os.path.join(os.path.dirname(path), f".deleting-{name}-{secrets.token_hex(4)}")
+    # Under the job lock: no snapshot job can start linking to it meanwhile.
+    with app.jobs.lock:
+        running = app.jobs.running_exclusive()
+        if running is not None and running.data["kind"] in SNAPSHOT_JOB_KINDS:
+            raise Conflict(f"Job {running.id} uses the snapshots; wait for it to finish",
+                           {"job": running.id})
+        try:
+            os.rename(path, trash)
+        except FileNotFoundError:   # another DELETE was quicker
+            raise NotFound("Snapshot not found", {"snapshot": name}) from None
+    shutil.rmtree(trash)
+    return Reply(HTTPStatus.NO_CONTENT)
+
+
+SNAPSHOT_BODY = {"name": Field("string", required=True),
+                 "description": Field("string", nullable=True)}
+
+SNAPSHOT_ROUTES = [
+    Route("GET", "/snapshots", list_snapshots),
+    Route("POST", "/snapshots", create_snapshot, "admin", SNAPSHOT_BODY),
+    Route("GET", "/snapshots/{name}", get_snapshot),
+    Route("DELETE", "/snapshots/{name}", delete_snapshot, "admin"),
+    Route("POST", "/snapshots/{name}/restore", restore_snapshot, "admin", {},
+          body_required=False),
+]
 
 
 # ---------------------------------------------------------------------------

@@ -2629,3 +2629,361 @@ def test_listen_without_tls_warning(listen, tls, warned):
     assert (warning is not None) == warned
     if warned:
         assert listen in warning and "without TLS" in warning
+
+
+# ---------------------------------------------------------------------------
+# Snapshots: workspace files and databases rolled back together
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def snap_cluster():
+    """A cluster of their own: snapshot restores drop and recreate every database."""
+    cluster = Cluster()
+    yield cluster
+    cluster.destroy()
+
+
+class SnapEnv:
+    """A server whose workspace is `ws`, with an `editor` service to be stopped."""
+
+    def __init__(self, cluster, make_server, base, paths=None, **overrides):
+        self.cluster, self.base = cluster, str(base)
+        self.ws = os.path.join(self.base, "ws")
+        self.events = os.path.join(self.base, "editor.log")
+        flag = os.path.join(self.base, "editor.running")
+        os.mkdir(self.ws)
+        editor = {"start": ["sh", "-c", f"echo start >> {self.events}; touch {flag}"],
+                  "stop": ["sh", "-c", f"echo stop >> {self.events}; rm -f {flag}"],
+                  "status": ["sh", "-c", f"test -e {flag} || exit 3"]}
+        config = {"snapshots": {"dir": os.path.join(self.base, "snapshots"),
+                                "paths": paths or [self.ws], "stop_services": ["editor"]},
+                  "services": {"postgres": cluster.service_entry(), "editor": editor},
+                  "pgbackrest": {"enabled": False}}
+        config.update(overrides)
+        self.server = make_server(cluster, **config)
+        self.store = config["snapshots"]["dir"]
+
+    def wait(self, data, state="succeeded"):
+        job_id = data["job"]["id"]
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            status, _, body = self.server.request("GET", f"jobs/{job_id}")
+            assert status == 200
+            if body["job"]["state"] in ("succeeded", "failed"):
+                assert body["job"]["state"] == state, body["job"]
+                return body["job"]
+            time.sleep(0.1)
+        raise AssertionError(f"job {job_id} did not finish")
+
+    def snapshot(self, name, state="succeeded"):
+        status, headers, data = self.server.request("POST", "snapshots", {"name": name})
+        assert status == 202, data
+        assert headers["Location"] == f"{API}/jobs/{data['job']['id']}"
+        return self.wait(data, state)
+
+    def restore(self, name):
+        status, _, data = self.server.request("POST", f"snapshots/{name}/restore")
+        assert status == 202, data
+        return self.wait(data)
+
+    def stored(self, name, rel):
+        return os.path.join(self.store, name, "files", "0", rel)
+
+
+@pytest.fixture
+def snap(snap_cluster, make_server, tmp_path):
+    return SnapEnv(snap_cluster, make_server, tmp_path)
+
+
+@pytest.fixture(scope="session")
+def snap_shared(snap_cluster, tmp_path_factory):
+    """One server for the snapshot tests that change nothing."""
+    made = []
+    env = SnapEnv(snap_cluster, lambda c, **o: made.append(Server(c, **o)) or made[-1],
+                  tmp_path_factory.mktemp("snapshared"))
+    yield env
+    made[0].destroy()
+
+
+def tree_state(root):
+    """Everything `compare equal` means: type, content, mode, owner, mtime, links."""
+    state, inodes = {}, {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [""] + dirnames + filenames:
+            path = os.path.join(dirpath, name) if name else dirpath
+            if not name and dirpath != root:
+                continue
+            st = os.lstat(path)
+            rel = os.path.relpath(path, root)
+            if stat_is(st, "S_ISLNK"):
+                what = ("link", os.readlink(path))
+            elif stat_is(st, "S_ISREG"):
+                with open(path, "rb") as handle:
+                    what = ("file", handle.read(), inodes.setdefault(st.st_ino, rel))
+            else:
+                what = ("dir",)
+            state[rel] = (what, st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns)
+    return state
+
+
+def stat_is(st, test):
+    import stat as stat_module
+    return getattr(stat_module, test)(st.st_mode)
+
+
+def make_workspace(ws):
+    """Files, a symlink, an empty directory, an executable, a hard link, an owner."""
+    def write(rel, text, mode=0o644):
+        path = os.path.join(ws, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as handle:
+            handle.write(text)
+        os.chmod(path, mode)
+    write("a.txt", "alpha\n")
+    write("sub/b.txt", "beta\n", 0o640)
+    write("run.sh", "#!/bin/sh\necho hi\n", 0o755)
+    write("hard1", "shared inode\n")
+    os.link(os.path.join(ws, "hard1"), os.path.join(ws, "sub", "hard2"))
+    os.symlink("a.txt", os.path.join(ws, "link"))
+    os.mkdir(os.path.join(ws, "empty"), 0o700)
+    write("owned.txt", "someone else's\n", 0o600)
+    os.chown(os.path.join(ws, "owned.txt"), 1234, 1234)
+    os.lchown(os.path.join(ws, "link"), 1234, 1234)
+    for rel in ("a.txt", "sub/b.txt", "run.sh", "sub", "empty", ""):
+        os.utime(os.path.join(ws, rel), ns=(1_600_000_000_000_000_000,) * 2)
+
+
+def rows(cluster, table="t", db="snapdb"):
+    with cluster.connect(db) as conn:
+        return [r[0] for r in conn.execute(f"SELECT v FROM {table} ORDER BY v")]
+
+
+def object_exists(cluster, catalog, column, name):
+    with cluster.connect() as conn:
+        return conn.execute(f"SELECT count(*) FROM {catalog} WHERE {column} = %s",
+                            (name,)).fetchone()[0] == 1
+
+
+def edit_workspace_and_data(ws, cluster):
+    with open(os.path.join(ws, "a.txt"), "a") as handle:
+        handle.write("edited\n")
+    os.unlink(os.path.join(ws, "sub", "b.txt"))
+    os.makedirs(os.path.join(ws, "newdir"))
+    with open(os.path.join(ws, "newdir", "new.txt"), "w") as handle:
+        handle.write("new\n")
+    os.chmod(os.path.join(ws, "run.sh"), 0o644)
+    os.unlink(os.path.join(ws, "link"))
+    os.symlink("run.sh", os.path.join(ws, "link"))
+    with cluster.connect("snapdb") as conn:
+        conn.execute("INSERT INTO t VALUES ('b1'), ('b2')")
+    with cluster.connect() as conn:
+        conn.execute("CREATE DATABASE laterdb")
+        conn.execute("CREATE ROLE laterrole LOGIN PASSWORD 'secret-later'")
+
+
+def test_snapshot_restore_brings_files_and_rows_back_and_pre_restore_undoes_it(snap):
+    cluster = snap.cluster
+    with cluster.connect() as conn:
+        conn.execute("DROP DATABASE IF EXISTS snapdb WITH (FORCE)")
+        conn.execute("DROP DATABASE IF EXISTS laterdb WITH (FORCE)")
+        conn.execute("DROP ROLE IF EXISTS laterrole")
+        conn.execute("CREATE DATABASE snapdb")
+    with cluster.connect("snapdb") as conn:
+        conn.execute("CREATE TABLE t (v text); INSERT INTO t VALUES ('a1'), ('a2')")
+    make_workspace(snap.ws)
+    assert snap.server.request("POST", "services/editor/start")[0] == 200
+    at_s1 = tree_state(snap.ws)
+    job = snap.snapshot("s1")
+    assert job["result"]["name"] == "s1" and job["result"]["files"] == 6
+    assert job["result"]["paths"] == [snap.ws]
+    assert "snapdb" in job["result"]["database"]["databases"]
+    edit_workspace_and_data(snap.ws, cluster)
+    edited = tree_state(snap.ws)
+
+    result = snap.restore("s1")["result"]
+    assert tree_state(snap.ws) == at_s1
+    assert rows(cluster) == ["a1", "a2"]
+    assert not object_exists(cluster, "pg_database", "datname", "laterdb")
+    assert not object_exists(cluster, "pg_roles", "rolname", "laterrole")
+    with open(snap.events) as handle:
+        assert handle.read().split() == ["start", "stop", "start"]
+    assert result["services_restarted"] == ["editor"]
+    pre = result["pre_restore"]
+    assert re.fullmatch(r"pre-restore-\d{8}T\d{6}Z", pre)
+    status, _, data = snap.server.request("GET", f"snapshots/{pre}")
+    assert status == 200 and data["paths"] == [snap.ws]
+
+    snap.restore(pre)
+    assert tree_state(snap.ws) == edited
+    assert rows(cluster) == ["a1", "a2", "b1", "b2"]
+    assert object_exists(cluster, "pg_database", "datname", "laterdb")
+    with cluster.connect() as conn:
+        verifier = conn.execute("SELECT rolpassword FROM pg_authid "
+                                "WHERE rolname = 'laterrole'").fetchone()[0]
+    assert verifier.startswith("SCRAM-SHA-256$")
+    assert "secret-later" not in snap.server.log()
+
+
+def test_snapshot_after_one_change_stores_only_that_file(snap):
+    for index in range(40):
+        with open(os.path.join(snap.ws, f"f{index:02d}"), "wb") as handle:
+            handle.write(os.urandom(10240))
+    snap.snapshot("s1")
+    with open(os.path.join(snap.ws, "f07"), "r+b") as handle:
+        handle.write(b"changed")
+    s2 = snap.snapshot("s2")["result"]
+    for index in range(40):
+        rel = f"f{index:02d}"
+        old, new = os.stat(snap.stored("s1", rel)), os.stat(snap.stored("s2", rel))
+        live = os.stat(os.path.join(snap.ws, rel))
+        assert new.st_ino != live.st_ino and new.st_mode & 0o777 == 0o400
+        if rel == "f07":
+            assert new.st_ino != old.st_ino and new.st_nlink == 1
+        else:
+            assert new.st_ino == old.st_ino and new.st_nlink == 2
+    assert s2["added_bytes"] - s2["database"]["size_bytes"] == 10240
+    assert s2["size_bytes"] - s2["database"]["size_bytes"] == 40 * 10240
+    assert s2["added"] == piglet.human_size(s2["added_bytes"])
+
+
+def test_snapshot_delete_shared_one_later_one_restores_whole(snap):
+    make_workspace(snap.ws)
+    snap.snapshot("s1")
+    with open(os.path.join(snap.ws, "a.txt"), "w") as handle:
+        handle.write("second\n")
+    at_s2 = tree_state(snap.ws)
+    snap.snapshot("s2")
+    status, _, data = snap.server.request("DELETE", "snapshots/s1")
+    assert status == 204 and data is None
+    assert_error(*snap.server.request("GET", "snapshots/s1")[::2], 404, "NOT_FOUND")
+    assert not os.path.exists(os.path.join(snap.store, "s1"))
+    shutil.rmtree(snap.ws)
+    os.makedirs(os.path.join(snap.ws, "junk"))
+    snap.restore("s2")
+    assert tree_state(snap.ws) == at_s2
+    status, _, data = snap.server.request("GET", "snapshots")
+    assert status == 200
+    names = [s["name"] for s in data["snapshots"]]
+    assert names[1] == "s2" and names[0].startswith("pre-restore-") and len(names) == 2
+
+
+@pytest.mark.parametrize("name", ["../etc", "", "a" * 64, "\u20ac" * 22, ".hidden",
+                                  "-x", "a/b", "a\n", "a b", None, 7])
+def test_snapshot_bad_name_400_nothing_created(snap_shared, name):
+    status, _, data = snap_shared.server.request("POST", "snapshots", {"name": name})
+    assert_error(status, data, 400, "BAD_REQUEST")
+    assert data["error"]["details"]["field"] == "name"
+    assert not os.path.exists(snap_shared.store) or os.listdir(snap_shared.store) == []
+    assert snap_shared.server.request("GET", "jobs")[2] == {"jobs": []}
+
+
+def test_snapshot_same_name_twice_409_first_untouched(snap):
+    name = "n" * 63
+    first = snap.snapshot(name)["result"]
+    with open(os.path.join(snap.store, name, "manifest.json"), "rb") as handle:
+        manifest = handle.read()
+    with open(os.path.join(snap.ws, "later.txt"), "w") as handle:
+        handle.write("later\n")
+    status, _, data = snap.server.request("POST", "snapshots", {"name": name})
+    assert_error(status, data, 409, "CONFLICT")
+    assert data["error"]["details"] == {"snapshot": name}
+    status, _, data = snap.server.request("GET", f"snapshots/{name}")
+    assert status == 200 and data == first
+    with open(os.path.join(snap.store, name, "manifest.json"), "rb") as handle:
+        assert handle.read() == manifest
+
+
+@pytest.mark.parametrize("method,suffix", [("POST", "/restore"), ("GET", ""),
+                                           ("DELETE", "")])
+def test_snapshot_path_traversal_rejected(snap_shared, method, suffix):
+    status, _, data = snap_shared.server.request(method, f"snapshots/..%2F..%2Fetc{suffix}")
+    assert_error(status, data, 400, "BAD_REQUEST")
+    status, _, data = snap_shared.server.request(method, f"snapshots/..{suffix}")
+    assert status in (400, 404) and "error" in data
+
+
+def test_snapshot_symlink_out_of_store_is_not_followed(snap, tmp_path):
+    snap.snapshot("real")
+    outside = tmp_path / "outside"
+    shutil.copytree(os.path.join(snap.store, "real"), outside, symlinks=True)
+    os.symlink(outside, os.path.join(snap.store, "evil"))
+    for method, suffix in (("GET", ""), ("POST", "/restore"), ("DELETE", "")):
+        status, _, data = snap.server.request(method, f"snapshots/evil{suffix}")
+        assert_error(status, data, 404, "NOT_FOUND")
+    status, _, data = snap.server.request("GET", "snapshots")
+    assert [s["name"] for s in data["snapshots"]] == ["real"]
+    assert os.path.isfile(outside / "snapshot.json")
+
+
+def test_snapshot_unknown_404_and_read_key_403(snap_shared):
+    for method, path in (("GET", "snapshots/nosuch"), ("DELETE", "snapshots/nosuch"),
+                         ("POST", "snapshots/nosuch/restore")):
+        status, _, data = snap_shared.server.request(method, path)
+        assert_error(status, data, 404, "NOT_FOUND")
+        assert data["error"]["details"] == {"snapshot": "nosuch"}
+    status, _, data = snap_shared.server.request("POST", "snapshots", {"name": "x"},
+                                                 key="read")
+    assert_error(status, data, 403, "FORBIDDEN")
+    status, _, data = snap_shared.server.request("GET", "snapshots", key="read")
+    assert status == 200 and data == {"snapshots": []}
+
+
+def test_snapshot_failing_dump_leaves_nothing(snap_cluster, make_server, tmp_path):
+    env = SnapEnv(snap_cluster, make_server, tmp_path,
+                  postgres={"dsn": snap_cluster.dsn, "os_user": "nobody"})
+    job = env.snapshot("broken", state="failed")
+    assert job["error"]["code"] == "UNAVAILABLE"
+    assert "pg_dumpall failed" in job["error"]["message"]
+    assert env.server.request("GET", "snapshots")[2] == {"snapshots": []}
+    assert os.listdir(env.store) == []
+
+
+def test_snapshot_workspace_overlapping_data_dir_503(snap_cluster, make_server, tmp_path):
+    env = SnapEnv(snap_cluster, make_server, tmp_path,
+                  paths=[os.path.dirname(snap_cluster.data)])
+    status, _, data = env.server.request("POST", "snapshots", {"name": "x"})
+    assert_error(status, data, 503, "UNAVAILABLE")
+    assert data["error"]["details"]["dependency"] == "snapshots"
+    assert "data directory" in data["error"]["message"]
+
+
+def test_snapshot_restore_never_writes_through_a_planted_symlink(snap, tmp_path):
+    make_workspace(snap.ws)
+    at_s1 = tree_state(snap.ws)
+    snap.snapshot("s1")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.rmtree(os.path.join(snap.ws, "sub"))
+    os.symlink(outside, os.path.join(snap.ws, "sub"))
+    snap.restore("s1")
+    assert tree_state(snap.ws) == at_s1
+    assert os.listdir(outside) == []
+
+
+def test_snapshot_role_script_keeps_existing_roles_and_masks_secrets():
+    script = (b'\\restrict abc\nCREATE ROLE alice;\nALTER ROLE alice WITH LOGIN;\n'
+              b'CREATE ROLE "odd ""name""";\nCREATE ROLE piglet;\n')
+    kept = piglet.without_create_role(script, {"piglet", 'odd "name"'})
+    assert kept == (b'\\restrict abc\nCREATE ROLE alice;\nALTER ROLE alice WITH LOGIN;\n')
+    line = "LINE 1: ALTER ROLE a PASSWORD 'it''s' VALID; SCRAM-SHA-256$4096:abc$x:y"
+    assert piglet.mask_secrets(line) == "LINE 1: ALTER ROLE a PASSWORD '***' VALID; ***"
+
+
+def test_snapshot_restore_with_damaged_dump_fails_touching_nothing(snap):
+    make_workspace(snap.ws)
+    assert snap.server.request("POST", "services/editor/start")[0] == 200
+    snap.snapshot("s1")
+    with open(os.path.join(snap.store, "s1", "db", "0.dump"), "r+b") as handle:
+        handle.write(b"garbage")
+    os.unlink(os.path.join(snap.ws, "a.txt"))
+    before = tree_state(snap.ws)
+    status, _, data = snap.server.request("POST", "snapshots/s1/restore")
+    assert status == 202
+    job = snap.wait(data, state="failed")
+    assert job["error"]["code"] == "UNAVAILABLE"
+    assert "pg_restore failed" in job["error"]["message"]
+    assert tree_state(snap.ws) == before
+    with open(snap.events) as handle:
+        assert handle.read().split() == ["start", "stop", "start"]
+    assert snap.server.request("GET", "services/editor")[2]["status"] == "running"
