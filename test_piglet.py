@@ -793,7 +793,7 @@ def backup_cluster(stanza_create=True):
     with open(cluster.pgbr_conf, "w") as handle:
         handle.write(f"[global]\nrepo1-path={dirs['repo']}\nlog-path={dirs['log']}\n"
                      f"lock-path={dirs['lock']}\nspool-path={dirs['spool']}\n"
-                     "compress-type=none\nstart-fast=y\narchive-timeout=8\n"
+                     "compress-type=none\nstart-fast=y\narchive-timeout=8\njob-retry=0\n"
                      f"repo1-retention-full=9999\n\n[{STANZA}]\npg1-path={cluster.data}\n"
                      f"pg1-port={cluster.port}\npg1-socket-path={cluster.sock}\n")
     os.chmod(cluster.pgbr_conf, 0o644)
@@ -1083,7 +1083,7 @@ def test_restore_failure_after_stop_rolls_back_from_safety_backup(make_backup_cl
     query(cluster, "CREATE TABLE present (v int); INSERT INTO present VALUES (7)")
     # Damage the older backup in the repository: its restore fails half way.
     os.unlink(os.path.join(cluster.pgbr_dirs["repo"], "backup", STANZA, old,
-                           "pg_data", "PG_VERSION"))
+                           "pg_data", "global", "pg_control"))
     job = run_job(server, "POST", f"backups/{old}/restore", {}, state="failed")
     error = job["error"]
     assert error["code"] == "RESTORE_FAILED"
