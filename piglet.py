@@ -24,6 +24,14 @@ Known limitations:
 - The rate limiter and the last-used times of keys live in memory; a
   restart refills every bucket and last-used times are flushed to the keys
   file at most once a minute.
+- A restore's safety backup ends a moment before PostgreSQL is stopped;
+  writes committed in between are in neither the safety backup nor the
+  restored cluster.
+- Logical restores recreate databases with their owner, encoding and
+  locale, not database-level settings or grants (ALTER DATABASE ... SET,
+  GRANT ... ON DATABASE); roles are dumped (roles.sql) but never applied.
+- A restore interrupted by a crash of Piglet leaves PostgreSQL as it was at
+  that moment; the job reads INTERRUPTED and names nothing more.
 """
 
 import argparse
@@ -1351,7 +1359,7 @@ def archiver_healthy(state):
 
 
 def recovery_window(app, backups):
-    """What point-in-time restore can reach: see the module's notes on WAL.
+    """What point-in-time restore can reach.
 
     earliest: the stop time of the oldest backup.  latest: now, when WAL
     archiving works (a time-target restore switches WAL and waits for the
