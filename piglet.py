@@ -1209,7 +1209,14 @@ def stop_process_group(pgid):
 
 def group_alive(pgid):
     """Whether a process of the group still runs; zombies do not count (an
-    orphan's zombie waits for a PID 1 that may never reap it)."""
+    orphan's zombie waits for a PID 1 that may never reap it).  Where /proc
+    hides other users' processes (ProtectProc=invisible), a group that still
+    answers signals counts as alive."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    seen = False
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -1218,9 +1225,11 @@ def group_alive(pgid):
                 fields = handle.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return False
+        if int(fields[2]) == pgid:
+            if fields[0] != "Z":
+                return True
+            seen = True
+    return not seen
 
 
 def reap_orphan_tools(jobs_dir):
