@@ -39,6 +39,14 @@ Known limitations:
   one and at start.  A reply's secret (POST /keys) is never stored, so
   its replay carries "key": null.
 - TLS certificate changes take effect at the next restart, not on SIGHUP.
+- A restore's safety backup ends a moment before PostgreSQL is stopped;
+  writes committed in between are in neither the safety backup nor the
+  restored cluster.
+- Logical restores recreate databases with their owner, encoding and
+  locale, not database-level settings or grants (ALTER DATABASE ... SET,
+  GRANT ... ON DATABASE); roles are dumped (roles.sql) but never applied.
+- A restore interrupted by a crash of Piglet leaves PostgreSQL as it was at
+  that moment; the job reads INTERRUPTED and names nothing more.
 """
 
 import argparse
@@ -1098,11 +1106,17 @@ class JobManager:
     def _save(self, job):
         atomic_write_json(os.path.join(self.dir, job.id + ".json"), job.data)
 
-    def submit(self, kind, request, work, exclusive=True):
-        """Start `work(job)` in a thread; its return value becomes the result."""
+    def submit(self, kind, request, work, exclusive=True, conflicts=()):
+        """Start `work(job)` in a thread; its return value becomes the result.
+
+        `conflicts`: kinds of job that must not be queued or running meanwhile.
+        """
         with self.lock:
-            if exclusive and self.exclusive is not None:
-                running = self.exclusive
+            running = self.exclusive if exclusive else None
+            running = running or next(
+                (j for j in self.jobs.values() if j.data["kind"] in conflicts
+                 and j.data["state"] in ("queued", "running")), None)
+            if running is not None:
                 raise Conflict(f"Another operation is running: job {running.id}",
                                {"job": running.id, "kind": running.data["kind"]})
             job = Job(self, self._new_id(kind), kind, request)
@@ -1956,8 +1970,1010 @@ DATABASE_ROUTES = [
 # ---------------------------------------------------------------------------
 # Backups and restores
 # ---------------------------------------------------------------------------
+#
+# Physical backups are pgBackRest's (its label is the id); logical backups
+# are folders of pg_dump custom-format files under backups.dir.  Every tool
+# runs as the cluster's OS user in its own process group, so files in the
+# repository stay the cluster's and a tool orphaned by a crash of Piglet
+# can be found and stopped at the next start (reap_orphan_tools).
 
-BACKUP_ROUTES = []
+BACKUP_TIMEOUT = 6 * 3600       # one pgbackrest backup, pg_dump or pg_restore
+RESTORE_TIMEOUT = 6 * 3600      # one pgbackrest restore
+PGBACKREST_SHORT_TIMEOUT = 120  # info, stanza-create, expire
+ARCHIVE_WAIT_SECONDS = 60       # a switched WAL segment must be archived within this
+RECOVERY_WAIT_SECONDS = 900     # after a restore: until PostgreSQL is promoted and writable
+TOOL_STOP_GRACE_SECONDS = 10    # SIGTERM to SIGKILL for a tool past its timeout
+DEFAULT_LOCK_PATH = "/tmp/pgbackrest"   # pgBackRest's default lock-path
+
+PHYSICAL_LABEL_RE = re.compile(r"^\d{8}-\d{6}F(_\d{8}-\d{6}[DI])?$")
+LOGICAL_ID_RE = re.compile(r"^\d{8}-\d{6}L-[0-9a-f]{6}$")
+RFC3339_RE = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?"
+                        r"([Zz]|[+-]\d{2}:\d{2})$")
+WAL_NAME_RE = re.compile(r"^[0-9A-F]{24}$")
+PARTIAL_PREFIX = ".partial-"
+RESTORE_DB_PREFIX = "piglet_restore_"
+PHYSICAL_TYPES = ("full", "diff", "incr")
+# Roles a schema-only script names: owners and grantees.
+ROLE_REF_RE = re.compile(r'(?:OWNER TO|GRANT .* TO|REVOKE .* FROM) (.+?)(?: WITH .*|'
+                         r' GRANTED BY .*)?;$')
+IDENT_RE = re.compile(r'"((?:[^"]|"")+)"|([^\s,"]+)')
+
+
+class JobFailed(ApiError):
+    """A job's own failure; `code` names what failed (e.g. BACKUP_FAILED)."""
+
+    def __init__(self, code, message, details=None):
+        super().__init__(message, details)
+        self.code = code
+
+
+def tool_user(app):
+    """The cluster's OS user, never root (files in the repository stay its own)."""
+    import pwd
+    user = app.config["postgres"]["os_user"]
+    try:
+        if pwd.getpwnam(user).pw_uid == 0:
+            raise Unavailable("postgres.os_user must not be root", "postgres")
+    except KeyError:
+        raise Unavailable(f"OS user {user!r} does not exist", "postgres") from None
+    return user
+
+
+def as_user(user):
+    """subprocess keyword arguments that run a child as `user`."""
+    if user == current_user():
+        return {}
+    return {"user": user, "group": primary_group(user), "extra_groups": []}
+
+
+def tool_conninfo(app, dbname):
+    """Where PostgreSQL tools connect: Piglet's host and port, as the OS user's role."""
+    params = psycopg.conninfo.conninfo_to_dict(app.config["postgres"]["dsn"])
+    params.pop("password", None)
+    params.update(user=app.config["postgres"]["os_user"], dbname=dbname)
+    return psycopg.conninfo.make_conninfo(**params)
+
+
+# -- running tools -----------------------------------------------------------
+
+def tool_pid_file(app, job):
+    return os.path.join(app.jobs.dir, job.id + ".tool")
+
+
+def run_tool(app, job, argv, timeout, stdout=None, stdin=None, poll=None, reap=True):
+    """Run a PostgreSQL tool as the cluster's OS user; returns (exit code, lines).
+
+    Output lines go to the job's log as they come.  With `reap`, the process
+    group is recorded so that the next start of Piglet stops a tool that
+    outlived it (a kill -9 leaves it running, holding pgBackRest's lock).
+    """
+    kwargs = as_user(tool_user(app))
+    proc = subprocess.Popen(
+        argv, stdin=stdin or subprocess.DEVNULL, cwd="/", start_new_session=True,
+        stdout=stdout or subprocess.PIPE,
+        stderr=subprocess.PIPE if stdout else subprocess.STDOUT, **kwargs)
+    pid_file = tool_pid_file(app, job)
+    if reap:
+        atomic_write_json(pid_file, {"pid": proc.pid, "tool": os.path.basename(argv[0])})
+    lines = []
+    reader = threading.Thread(target=collect_lines,
+                              args=(proc.stderr if stdout else proc.stdout, lines, job),
+                              daemon=True)
+    reader.start()
+    try:
+        wait_tool(proc, argv, timeout, poll, lines)
+    finally:
+        reader.join(timeout=5)
+        if reap:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(pid_file)
+    return proc.returncode, lines
+
+
+def collect_lines(stream, lines, job):
+    for raw in stream:
+        line = raw.decode("utf-8", "replace").rstrip()
+        if line:
+            lines.append(line)
+            del lines[:-400]
+            job.log(line)
+
+
+def wait_tool(proc, argv, timeout, poll, lines):
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            proc.wait(timeout=1)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+        if poll:
+            poll(lines)
+        if time.monotonic() > deadline:
+            stop_process_group(proc.pid)
+            proc.wait()
+            raise JobFailed("TIMEOUT", f"{os.path.basename(argv[0])} did not finish "
+                            f"within {timeout} s and was stopped", {"timeout": timeout})
+
+
+def stop_process_group(pgid):
+    """SIGTERM (and SIGCONT, should it be stopped), then SIGKILL after a grace
+    period, to a tool's whole process group."""
+    for signals in ((signal.SIGTERM, signal.SIGCONT), (signal.SIGKILL,)):
+        for sig in signals:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, sig)
+        deadline = time.monotonic() + TOOL_STOP_GRACE_SECONDS
+        while time.monotonic() < deadline:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(-pgid, os.WNOHANG)
+            if not group_alive(pgid):
+                return
+            time.sleep(0.1)
+
+
+def group_alive(pgid):
+    """Whether a process of the group still runs; zombies do not count (an
+    orphan's zombie waits for a PID 1 that may never reap it).  Where /proc
+    hides other users' processes (ProtectProc=invisible), a group that still
+    answers signals counts as alive."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    seen = False
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:
+            if fields[0] != "Z":
+                return True
+            seen = True
+    return not seen
+
+
+def reap_orphan_tools(jobs_dir):
+    """At start-up: stop backup tools a killed Piglet left running.
+
+    pgBackRest holds its lock for as long as its process lives; an orphaned
+    backup would make every new one fail until it ends, and the job that
+    owned it already reads INTERRUPTED.
+    """
+    for name in os.listdir(jobs_dir):
+        if not name.endswith(".tool"):
+            continue
+        path = os.path.join(jobs_dir, name)
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            with open(path, encoding="utf-8") as handle:
+                record = json.load(handle)
+            pid = int(record["pid"])
+            if os.getpgid(pid) == pid and record["tool"] in process_cmdline(pid):
+                log.warning("stopping %s (pid %d) left by a previous run",
+                            record["tool"], pid)
+                stop_process_group(pid)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
+def process_cmdline(pid):
+    with open(f"/proc/{pid}/cmdline", "rb") as handle:
+        return handle.read().replace(b"\0", b" ").decode("utf-8", "replace")
+
+
+def tool_error(lines):
+    """pgBackRest's own ERROR line (and its HINT), else the last lines."""
+    for index, line in enumerate(lines):
+        if "ERROR: [" in line:
+            found = line.split("ERROR: ", 1)[1]
+            hint = [h.strip() for h in lines[index + 1:index + 2] if "HINT:" in h]
+            return " ".join([found] + hint)
+    return " | ".join(lines[-3:]) or "no output"
+
+
+# -- pgBackRest ----------------------------------------------------------------
+
+class PgBackRest:
+    """pgbackrest with the configured --config and --stanza, as the OS user."""
+
+    def __init__(self, app):
+        self.app = app
+        self.stanza = app.config["pgbackrest"]["stanza"]
+        self.config_file = app.config["pgbackrest"]["config"]
+
+    def configured(self):
+        """None when usable, else why not."""
+        if not self.app.config["pgbackrest"]["enabled"]:
+            return "pgBackRest is disabled in Piglet's config"
+        if not shutil.which("pgbackrest"):
+            return "pgbackrest is not installed"
+        if not os.path.isfile(self.config_file):
+            return f"pgBackRest config {self.config_file} does not exist"
+        return None
+
+    def require(self):
+        reason = self.configured()
+        if reason:
+            raise Unavailable(reason, "pgbackrest")
+
+    def argv(self, command, *options):
+        return ["pgbackrest", f"--config={self.config_file}", f"--stanza={self.stanza}",
+                *options, command]
+
+    def run_short(self, command, *options):
+        try:
+            return run_command(self.argv(command, *options), user=tool_user(self.app),
+                               timeout=PGBACKREST_SHORT_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            raise Unavailable(f"pgbackrest {command} timed out", "pgbackrest") from None
+
+    def info(self):
+        """The stanza's entry of `info --output=json` ({} when there is none yet)."""
+        result = self.run_short("info", "--output=json")
+        if result.returncode != 0:
+            raise Unavailable("pgbackrest info failed: " + tool_error(
+                (result.stderr + result.stdout).splitlines()), "pgbackrest")
+        stanzas = json.loads(result.stdout or "[]")
+        return next((s for s in stanzas if s.get("name") == self.stanza), {})
+
+    def backups(self):
+        return [b for b in self.info().get("backup", []) if b.get("label")]
+
+    def stanza_missing(self, info):
+        # Status 1 is pgBackRest's "missing stanza path": nothing created yet.
+        return info.get("status", {}).get("code") == 1 or not info.get("db")
+
+
+def physical_backup_object(backup):
+    stamps, info = backup.get("timestamp", {}), backup.get("info", {})
+    repo = info.get("repository", {})
+    size = repo.get("delta", info.get("delta", 0)) or 0
+    return {"id": backup["label"], "method": "physical", "type": backup.get("type"),
+            "size": human_size(size), "size_bytes": size,
+            "created_at": utc_iso(stamps.get("start")),
+            "finished_at": utc_iso(stamps.get("stop")),
+            "databases": "all", "prior": backup.get("prior"),
+            "database_size_bytes": info.get("size"),
+            "repository_size_bytes": repo.get("size"),
+            "wal": backup.get("archive"), "lsn": backup.get("lsn"),
+            "checksum_errors": bool(backup.get("error"))}
+
+
+def dependents_of(label, backups):
+    """Labels of the backups that need `label` to be restored."""
+    return [b["label"] for b in backups
+            if b["label"] != label and (label in (b.get("reference") or [])
+                                        or b.get("prior") == label)]
+
+
+# -- recovery window -----------------------------------------------------------
+
+def archiver_state(app):
+    """pg_stat_archiver's row plus archive_mode, or None when PostgreSQL is down."""
+    try:
+        with app.db.connect(timeout=3) as conn:
+            with conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
+                cur.execute("SELECT current_setting('archive_mode') AS mode, "
+                            "last_archived_wal, last_archived_time, last_failed_wal, "
+                            "last_failed_time FROM pg_stat_archiver")
+                return cur.fetchone()
+    except (ApiError, psycopg.Error):
+        return None
+
+
+def archiver_healthy(state):
+    if state is None or state["mode"] == "off":
+        return False
+    failed, archived = state["last_failed_time"], state["last_archived_time"]
+    return failed is None or (archived is not None and archived > failed)
+
+
+def recovery_window(app, backups):
+    """What point-in-time restore can reach.
+
+    earliest: the stop time of the oldest backup.  latest: now, when WAL
+    archiving works (a time-target restore switches WAL and waits for the
+    archive before it touches anything); else the newest backup's stop time,
+    the last point known to be restorable.
+    """
+    stops = [b["timestamp"]["stop"] for b in backups if not b.get("error")]
+    if not stops:
+        return {"earliest": None, "latest": None}
+    latest = time.time() if archiver_healthy(archiver_state(app)) else max(stops)
+    return {"earliest": utc_iso(min(stops)), "latest": utc_iso(latest)}
+
+
+def wal_reached(archived, segment):
+    """Whether pg_stat_archiver's last_archived_wal covers `segment`.
+
+    Backup history files (SEGMENT.OFFSET.backup) are archived before their
+    segment, so only a later segment name, or the segment itself, counts.
+    """
+    if not archived:
+        return False
+    base = archived[:24]
+    if not WAL_NAME_RE.match(base):
+        return False
+    return base > segment or archived == segment
+
+
+def seal_archive(app):
+    """Write a commit, switch WAL and wait for the archive; the segment or None.
+
+    Recovery to a target time stops at the first commit after it, and
+    PostgreSQL refuses to end recovery short of its target: so the archive
+    must hold a commit later than any target up to now.  None means the
+    archiver failed or did not catch up within ARCHIVE_WAIT_SECONDS.
+    """
+    with app.db.connect(timeout=5) as conn:
+        conn.execute("SELECT txid_current()")
+        segment = conn.execute("SELECT pg_walfile_name(pg_switch_wal())").fetchone()[0]
+        started = conn.execute("SELECT now()").fetchone()[0]
+        deadline = time.monotonic() + ARCHIVE_WAIT_SECONDS
+        while time.monotonic() < deadline:
+            row = conn.execute("SELECT last_archived_wal, last_failed_wal, "
+                               "last_failed_time FROM pg_stat_archiver").fetchone()
+            if wal_reached(row[0], segment):
+                return segment
+            if row[1] == segment and row[2] is not None and row[2] >= started:
+                log.warning("archiving WAL segment %s failed", segment)
+                return None
+            time.sleep(0.2)
+    log.warning("WAL segment %s not archived within %d s", segment, ARCHIVE_WAIT_SECONDS)
+    return None
+
+
+def parse_target_time(value):
+    """RFC 3339 with an explicit offset -> epoch seconds (float)."""
+    if not isinstance(value, str) or not RFC3339_RE.match(value):
+        raise BadRequest("target_time must be RFC 3339 with an offset, e.g. "
+                         "2024-05-01T12:00:00Z", {"field": "target_time", "value": value})
+    text = re.sub(r"[Zz]$", "+00:00", value)
+    text = re.sub(r"(\.\d{6})\d+", r"\1", text)  # fromisoformat takes microseconds
+    try:
+        return datetime.datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        raise BadRequest("target_time is not a valid time",
+                         {"field": "target_time", "value": value}) from None
+
+
+def pgbackrest_time(epoch):
+    """UTC with an explicit +00:00, as PostgreSQL's recovery_target_time reads it."""
+    moment = datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc)
+    return moment.strftime("%Y-%m-%d %H:%M:%S.%f+00:00")
+
+
+def check_target_time(app, backup, backups, target):
+    """400 unless `target` lies between the backup's stop and the end of archived WAL."""
+    earliest = backup["timestamp"]["stop"]
+    now = time.time()
+    window = {"earliest": utc_iso(earliest), "latest": utc_iso(now)}
+    details = {"target_time": utc_iso_fraction(target), "backup": backup["label"],
+               "window": window}
+    if earliest <= target <= now:
+        if app.postgres_info() is not None and seal_archive(app):
+            return
+        # Archived WAL ends before now: only the newest backup's end is sure.
+        window["latest"] = utc_iso(max(b["timestamp"]["stop"] for b in backups))
+        details["archive"] = "WAL archiving is failing or PostgreSQL is down"
+        if target <= max(b["timestamp"]["stop"] for b in backups):
+            return
+    raise BadRequest("target_time is outside the window this backup can reach", details)
+
+
+def utc_iso_fraction(epoch):
+    text = utc_iso(int(epoch))
+    fraction = epoch - int(epoch)
+    return text if fraction < 1e-6 else text[:-1] + f"{fraction:.6f}"[1:].rstrip("0") + "Z"
+
+
+# -- logical backups -----------------------------------------------------------
+
+def backups_dir(app):
+    path = app.config["backups"]["dir"]
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    return path
+
+
+def new_logical_folder(directory):
+    """(id, hidden work folder): ids stay unique within one second."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    while True:
+        backup_id = f"{stamp}L-{secrets.token_hex(3)}"
+        partial = os.path.join(directory, PARTIAL_PREFIX + backup_id)
+        if os.path.exists(os.path.join(directory, backup_id)):
+            continue
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(partial, 0o700)
+            return backup_id, partial
+
+
+def read_manifest(app, backup_id):
+    """The manifest of a logical backup, or None; the id is checked first."""
+    if not LOGICAL_ID_RE.match(backup_id):
+        return None
+    path = os.path.join(backups_dir(app), backup_id, "manifest.json")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (OSError, ValueError):
+        return None
+
+
+def logical_backups(app):
+    directory = backups_dir(app)
+    found = []
+    for name in sorted(os.listdir(directory)):
+        manifest = read_manifest(app, name)
+        if manifest is not None:
+            found.append(logical_backup_object(manifest))
+    return found
+
+
+def logical_backup_object(manifest):
+    size = sum(d["size_bytes"] for d in manifest["databases"]) + manifest.get(
+        "roles_size_bytes", 0)
+    return {"id": manifest["id"], "method": "logical", "type": "logical",
+            "size": human_size(size), "size_bytes": size,
+            "created_at": manifest["created_at"], "finished_at": manifest["finished_at"],
+            "databases": [d["name"] for d in manifest["databases"]],
+            "roles": bool(manifest.get("roles_file"))}
+
+
+def clean_partial_dumps(directory):
+    """Folders of dumps a killed Piglet never finished: never listed, removed."""
+    if not os.path.isdir(directory):
+        return
+    for name in os.listdir(directory):
+        if name.startswith(PARTIAL_PREFIX):
+            shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+
+
+def database_facts(app, names):
+    """name -> owner, encoding, collate, ctype for the databases that exist."""
+    rows = app.db.query(
+        "SELECT datname AS name, pg_get_userbyid(datdba) AS owner, "
+        "pg_encoding_to_char(encoding) AS encoding, datcollate AS collate, "
+        "datctype AS ctype FROM pg_database WHERE datname = ANY(%s)", (list(names),))
+    return {r["name"]: r for r in rows}
+
+
+def all_database_names(app):
+    rows = app.db.query("SELECT datname FROM pg_database WHERE datallowconn "
+                        "AND NOT datistemplate AND datname NOT LIKE %s ORDER BY datname",
+                        (RESTORE_DB_PREFIX + "%",))
+    return [r["datname"] for r in rows]
+
+
+def dump_databases(app, job, names, with_roles):
+    """Dump into a hidden folder, then rename it: a failure leaves nothing listed."""
+    directory = backups_dir(app)
+    backup_id, partial = new_logical_folder(directory)
+    manifest = {"id": backup_id, "method": "logical", "format": 1,
+                "created_at": utc_iso(time.time()), "databases": [], "roles_file": None}
+    try:
+        facts = database_facts(app, names)
+        for index, name in enumerate(names, 1):
+            if name not in facts:
+                raise JobFailed("BACKUP_FAILED", f"Database {name!r} no longer exists",
+                                {"database": name})
+            manifest["databases"].append(dump_one(app, job, partial, index, facts[name]))
+            job.set_progress(int(100 * index / (len(names) + 1)))
+        if with_roles:
+            manifest["roles_size_bytes"] = dump_roles(app, job, partial)
+            manifest["roles_file"] = "roles.sql"
+        manifest["finished_at"] = utc_iso(time.time())
+        manifest["postgres_version"] = (app.postgres_info() or {}).get("version")
+        atomic_write_json(os.path.join(partial, "manifest.json"), manifest)
+        os.rename(partial, os.path.join(directory, backup_id))
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return manifest
+
+
+def dump_one(app, job, folder, index, facts):
+    """pg_dump -Fc, its stdout streamed into a file only root can read."""
+    filename = f"db-{index:04d}.dump"
+    path = os.path.join(folder, filename)
+    job.log(f"piglet: dumping database {facts['name']!r}")
+    with open(path, "wb", opener=lambda p, f: os.open(p, f, 0o600)) as out:
+        code, lines = run_tool(app, job, ["pg_dump", "-Fc", "--dbname",
+                                          tool_conninfo(app, facts["name"])],
+                               BACKUP_TIMEOUT, stdout=out)
+    if code != 0:
+        raise JobFailed("BACKUP_FAILED", f"pg_dump of {facts['name']!r} failed: "
+                        + tool_error(lines), {"database": facts["name"], "exit_code": code})
+    return dict(facts, file=filename, size_bytes=os.path.getsize(path))
+
+
+def dump_roles(app, job, folder):
+    path = os.path.join(folder, "roles.sql")
+    with open(path, "wb", opener=lambda p, f: os.open(p, f, 0o600)) as out:
+        code, lines = run_tool(app, job, ["pg_dumpall", "--roles-only", "--dbname",
+                                          tool_conninfo(app, "postgres")],
+                               BACKUP_TIMEOUT, stdout=out)
+    if code != 0:
+        raise JobFailed("BACKUP_FAILED", "pg_dumpall --roles-only failed: "
+                        + tool_error(lines), {"exit_code": code})
+    return os.path.getsize(path)
+
+
+# -- physical backups ----------------------------------------------------------
+
+def lock_progress(stanza):
+    """A poll function: pgBackRest 2.45 writes pctCplt (hundredths of a percent)
+    into its backup lock file; its JSON `info` shows only whether it is held."""
+    seen = {"lock_path": None}
+
+    def poll(job, lines):
+        # The "command begin" line lists non-default options, lock-path among them.
+        for line in lines[:5] if seen["lock_path"] is None else ():
+            found = re.search(r"--lock-path=(\S+)", line)
+            if found or "command begin" in line:
+                seen["lock_path"] = found.group(1) if found else DEFAULT_LOCK_PATH
+        try:
+            with open(os.path.join(seen["lock_path"] or DEFAULT_LOCK_PATH,
+                                   f"{stanza}-backup.lock"),
+                      encoding="utf-8") as handle:
+                percent = json.load(handle).get("pctCplt")
+        except (OSError, ValueError):
+            return
+        if isinstance(percent, int):
+            job.set_progress(min(99, percent // 100))
+    return poll
+
+
+def ensure_stanza(app, job, pgbr):
+    """Create the stanza when the repository has none yet; True if created."""
+    if not pgbr.stanza_missing(pgbr.info()):
+        return False
+    job.log(f"piglet: stanza {pgbr.stanza!r} does not exist yet; creating it")
+    code, lines = run_tool(app, job, pgbr.argv("stanza-create", "--log-level-console=info"),
+                           PGBACKREST_SHORT_TIMEOUT)
+    if code != 0:
+        raise JobFailed("BACKUP_FAILED", "pgbackrest stanza-create failed: "
+                        + tool_error(lines), {"exit_code": code})
+    return True
+
+
+def physical_backup(app, job, backup_type):
+    """One pgbackrest backup; returns its label."""
+    pgbr = PgBackRest(app)
+    created = ensure_stanza(app, job, pgbr)
+    poll = lock_progress(pgbr.stanza)
+    code, lines = run_tool(app, job, pgbr.argv("backup", f"--type={backup_type}",
+                                               "--log-level-console=info"),
+                           BACKUP_TIMEOUT, poll=lambda lines: poll(job, lines))
+    if code != 0:
+        raise JobFailed("BACKUP_FAILED", "pgbackrest backup failed: " + tool_error(lines),
+                        {"exit_code": code, "stanza": pgbr.stanza})
+    label = next((m.group(1) for m in map(re.compile(r"new backup label = (\S+)").search,
+                                          lines) if m), None)
+    if label is None:
+        label = pgbr.backups()[-1]["label"]
+    return label, created
+
+
+# -- restores --------------------------------------------------------------------
+
+def wait_writable(app, timeout):
+    """Until pg_is_in_recovery() is false and a write commits; the timeline."""
+    deadline = time.monotonic() + timeout
+    last = "no answer yet"
+    while time.monotonic() < deadline:
+        try:
+            with app.db.connect(timeout=3) as conn:
+                if conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]:
+                    last = "still in recovery"
+                else:
+                    with conn.transaction():
+                        conn.execute("CREATE TEMP TABLE piglet_write_check (x int)")
+                        conn.execute("INSERT INTO piglet_write_check VALUES (1)")
+                    conn.execute("SELECT txid_current()")
+                    return conn.execute("SELECT timeline_id FROM "
+                                        "pg_control_checkpoint()").fetchone()[0]
+        except (ApiError, psycopg.Error) as exc:
+            last = exc.message if isinstance(exc, ApiError) else first_line(exc)
+            if postgres_gone(app):
+                raise JobFailed("RESTORE_FAILED", f"PostgreSQL is not running ({last})",
+                                {"service": app.config["postgres"]["service"]}) from None
+        time.sleep(0.5)
+    raise JobFailed("RESTORE_FAILED", f"PostgreSQL did not accept writes within "
+                    f"{timeout} s ({last})", {"timeout": timeout})
+
+
+def postgres_gone(app):
+    """Whether the PostgreSQL service has stopped or failed (e.g. a FATAL in
+    recovery), so waiting longer for it is pointless."""
+    try:
+        status = app.services.get(app.config["postgres"]["service"])["status"]
+    except ApiError:
+        return False
+    return status in ("stopped", "failed")
+
+
+def postgres_act(app, job, action):
+    job.log(f"piglet: {action} PostgreSQL")
+    try:
+        app.services.act(app.config["postgres"]["service"], action)
+    finally:
+        app.db.close()            # pooled sessions died with the server
+        app.db.health.invalidate()
+
+
+def start_postgres(app, job):
+    """Start through the services layer and wait until it takes writes.
+
+    A start command may give up (pg_ctl waits 60 s) while recovery goes on,
+    so a failed start is only logged; the write check decides.
+    """
+    try:
+        postgres_act(app, job, "start")
+    except ApiError as exc:
+        job.log(f"piglet: start reported: {exc.message}")
+    return wait_writable(app, RECOVERY_WAIT_SECONDS)
+
+
+def pgbackrest_restore(app, job, label, target=None):
+    pgbr = PgBackRest(app)
+    options = ["--delta", f"--set={label}", "--target-action=promote",
+               "--log-level-console=info"]
+    if target is None:
+        options.append("--type=immediate")   # the end of that backup, no more WAL
+    else:
+        options += ["--type=time", f"--target={pgbackrest_time(target)}"]
+    code, lines = run_tool(app, job, pgbr.argv("restore", *options), RESTORE_TIMEOUT,
+                           reap=False)
+    if code != 0:
+        # [038]: PostgreSQL still running; pgBackRest stopped before any change.
+        untouched = any("[038]" in line for line in lines)
+        raise JobFailed("RESTORE_FAILED", "pgbackrest restore failed: " + tool_error(lines),
+                        {"exit_code": code, "data_untouched": untouched})
+
+
+def physical_restore(app, job, label, target, safety):
+    """The restore job: safety backup, stop, restore, start, verify; else roll back."""
+    safety_label = None
+    if safety:
+        job.log("piglet: taking the safety backup of the present")
+        safety_label, _ = physical_backup(app, job, "incr")
+    job.set_progress(None)
+    stage = "stop"
+    try:
+        postgres_act(app, job, "stop")
+        stage = "restore"
+        pgbackrest_restore(app, job, label, target)
+        stage = "start"
+        timeline = start_postgres(app, job)
+    except Exception as exc:  # noqa: BLE001 - every failure must bring PostgreSQL back
+        if not isinstance(exc, ApiError):
+            log.error("restore job %s: %s", job.id, traceback.format_exc())
+            exc = JobFailed("RESTORE_FAILED", first_line(exc))
+        untouched = stage == "stop" or (stage == "restore"
+                                        and exc.details.get("data_untouched"))
+        raise roll_back(app, job, exc, stage, untouched, safety_label) from None
+    return {"backup": label, "target_time": None if target is None
+            else utc_iso_fraction(target), "safety_backup": safety_label,
+            "timeline": timeline, "postgres": "running"}
+
+
+def roll_back(app, job, error, stage, untouched, safety_label):
+    """Bring PostgreSQL back after a failed restore; the JobFailed to report."""
+    details = {"stage": stage, "cause": error.message, "safety_backup": safety_label}
+    try:
+        if untouched:
+            job.log("piglet: data untouched; starting PostgreSQL on it")
+            start_postgres(app, job)
+            outcome = "PostgreSQL runs again on its previous, untouched data"
+        elif safety_label:
+            job.log(f"piglet: restoring the safety backup {safety_label}")
+            with contextlib.suppress(ApiError):
+                postgres_act(app, job, "stop")
+            pgbackrest_restore(app, job, safety_label)
+            start_postgres(app, job)
+            outcome = f"PostgreSQL was restored from the safety backup {safety_label}"
+        else:
+            outcome = "no safety backup was taken; PostgreSQL's data may be half restored"
+            details["postgres"] = "unknown"
+            return JobFailed("RESTORE_FAILED", f"Restore failed at {stage}: "
+                             f"{error.message}; {outcome}", details)
+    except ApiError as second:
+        details.update(postgres="down", rollback_error=second.message)
+        return JobFailed("RESTORE_FAILED", f"Restore failed at {stage}: {error.message}; "
+                         f"bringing PostgreSQL back also failed: {second.message}", details)
+    details["postgres"] = "running"
+    return JobFailed("RESTORE_FAILED", f"Restore failed at {stage}: {error.message}; "
+                     f"{outcome}", details)
+
+
+def role_references(script):
+    """Role names a schema-only SQL script assigns ownership or privileges to."""
+    roles = set()
+    for line in script.splitlines():
+        found = ROLE_REF_RE.search(line)
+        if not found:
+            continue
+        for quoted, plain in IDENT_RE.findall(found.group(1)):
+            name = quoted.replace('""', '"') if quoted else plain
+            if name.upper() not in ("PUBLIC", "GROUP", "CURRENT_USER", "SESSION_USER",
+                                    "CURRENT_ROLE"):
+                roles.add(name)
+    return roles
+
+
+def missing_roles(app, job, folder, entries):
+    """Roles the dumps need that the cluster lacks (owners, grantees)."""
+    needed = {d["owner"] for d in entries}
+    for entry in entries:
+        with open(os.path.join(folder, entry["file"]), "rb") as dump:
+            proc = subprocess.run(["pg_restore", "--schema-only", "-f", "-"], stdin=dump,
+                                  capture_output=True, timeout=BACKUP_TIMEOUT, cwd="/",
+                                  **as_user(tool_user(app)))
+        if proc.returncode != 0:
+            raise JobFailed("RESTORE_FAILED", f"Cannot read the dump of {entry['name']!r}: "
+                            + proc.stderr.decode("utf-8", "replace").strip()[-300:])
+        needed |= role_references(proc.stdout.decode("utf-8", "replace"))
+    rows = app.db.query("SELECT rolname FROM pg_roles WHERE rolname = ANY(%s)",
+                        (sorted(needed),))
+    return sorted(needed - {r["rolname"] for r in rows})
+
+
+def restore_into_temp(app, job, folder, entry):
+    """A new database filled from the dump; its name. Dropped again on failure."""
+    temp = RESTORE_DB_PREFIX + secrets.token_hex(6)
+    app.db.query(sql.SQL("CREATE DATABASE {} OWNER {} TEMPLATE template0 ENCODING {} "
+                         "LC_COLLATE {} LC_CTYPE {}").format(
+        sql.Identifier(temp), sql.Identifier(entry["owner"]),
+        sql.Literal(entry["encoding"]), sql.Literal(entry["collate"]),
+        sql.Literal(entry["ctype"])))
+    job.log(f"piglet: restoring {entry['name']!r} into {temp}")
+    try:
+        with open(os.path.join(folder, entry["file"]), "rb") as dump:
+            code, lines = run_tool(app, job, ["pg_restore", "--exit-on-error",
+                                              "--single-transaction", "--dbname",
+                                              tool_conninfo(app, temp)],
+                                   BACKUP_TIMEOUT, stdin=dump, reap=False)
+        if code != 0:
+            raise JobFailed("RESTORE_FAILED", f"pg_restore of {entry['name']!r} failed: "
+                            + tool_error(lines), {"database": entry["name"]})
+    except BaseException:
+        drop_scratch_database(app, temp)
+        raise
+    return temp
+
+
+def drop_scratch_database(app, name):
+    with contextlib.suppress(ApiError, psycopg.Error):
+        app.db.query(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+            sql.Identifier(name)))
+
+
+def swap_databases(app, pairs):
+    """Put each restored copy in place of its database, all renames in one
+    transaction; the old databases are dropped after it commits."""
+    maintenance = "template1" if any(n == "postgres" for n, _ in pairs) else "postgres"
+    old = {name: RESTORE_DB_PREFIX + "old_" + secrets.token_hex(5) for name, _ in pairs}
+    existing = set(database_facts(app, [n for n, _ in pairs]))
+    with app.db.connect(maintenance) as conn:
+        for name in existing:
+            ident = sql.Identifier(name)
+            conn.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(ident))
+            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                         "WHERE datname = %s AND pid <> pg_backend_pid()", (name,))
+        try:
+            with conn.transaction():
+                for name, temp in pairs:
+                    if name in existing:
+                        conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
+                            sql.Identifier(name), sql.Identifier(old[name])))
+                    conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
+                        sql.Identifier(temp), sql.Identifier(name)))
+        except psycopg.Error:
+            for name in existing:
+                conn.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(
+                    sql.Identifier(name)))
+            raise
+        for name in existing:
+            with contextlib.suppress(psycopg.Error):
+                conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(
+                    sql.Identifier(old[name])))
+    app.db.close()
+
+
+def logical_restore(app, job, manifest, names, safety):
+    """Recreate each listed database whole from its dump."""
+    folder = os.path.join(backups_dir(app), manifest["id"])
+    entries = [d for d in manifest["databases"] if d["name"] in names]
+    missing = missing_roles(app, job, folder, entries)
+    if missing:
+        raise JobFailed("MISSING_ROLES", "The dump's objects belong to roles that do not "
+                        "exist: " + ", ".join(missing) + "; create them (the roles.sql "
+                        "of a full logical backup has them) and retry", {"roles": missing})
+    present = [n for n in names if n in database_facts(app, names)]
+    safety_id = None
+    if safety and present:
+        job.log("piglet: dumping the present state of " + ", ".join(present))
+        safety_id = dump_databases(app, job, present, False)["id"]
+    pairs = []
+    try:
+        for entry in entries:
+            pairs.append((entry["name"], restore_into_temp(app, job, folder, entry)))
+        swap_databases(app, pairs)
+    except BaseException:
+        for _, temp in pairs:
+            drop_scratch_database(app, temp)
+        raise
+    return {"backup": manifest["id"], "databases": [e["name"] for e in entries],
+            "safety_backup": safety_id}
+
+
+# -- handlers ----------------------------------------------------------------------
+
+def list_backups(app, req):
+    """200: physical (pgBackRest) and logical backups, newest first, and the
+    window point-in-time restore can reach; 503 pgBackRest configured but failing."""
+    pgbr = PgBackRest(app)
+    physical = [] if pgbr.configured() else pgbr.backups()
+    listed = [physical_backup_object(b) for b in physical] + logical_backups(app)
+    listed.sort(key=lambda b: (b["created_at"] or "", b["id"]), reverse=True)
+    return {"backups": listed, "recovery_window": recovery_window(app, physical)}
+
+
+def create_backup(app, req):
+    """202 job.  400 bad type/databases; 404 unknown database; 409 another
+    cluster-wide operation (or a restore) runs; 503 pgBackRest not configured."""
+    backup_type, names = req.body.get("type"), req.body.get("databases")
+    if names is not None:
+        return create_logical_backup(app, req, names, backup_type)
+    backup_type = backup_type or "full"
+    if backup_type == "logical":
+        return submit_dump(app, req, all_database_names(app), True)
+    PgBackRest(app).require()
+    tool_user(app)
+
+    def work(job):
+        label, created = physical_backup(app, job, backup_type)
+        return {"backup": label, "type": backup_type, "stanza_created": created}
+    return job_accepted(app.jobs.submit("backup", req.body, work))
+
+
+def create_logical_backup(app, req, names, backup_type):
+    if backup_type not in (None, "full", "logical"):
+        raise BadRequest("With 'databases', type must be omitted, 'full' or 'logical'",
+                         {"field": "type", "allowed": ["full", "logical"]})
+    if not names or len(set(names)) != len(names):
+        raise BadRequest("databases must list distinct database names",
+                         {"field": "databases"})
+    facts = database_facts(app, names)
+    for name in names:
+        if name not in facts:
+            raise NotFound("Database not found", {"database": name})
+    return submit_dump(app, req, names, False)
+
+
+def submit_dump(app, req, names, with_roles):
+    # Dumps read through MVCC snapshots and may run beside anything but a
+    # restore, which would pull the databases from under them.
+    def work(job):
+        manifest = dump_databases(app, job, names, with_roles)
+        return {"backup": manifest["id"], "databases": names, "roles": with_roles}
+    return job_accepted(app.jobs.submit("logical-backup", req.body, work,
+                                        exclusive=False, conflicts=("restore",)))
+
+
+def restore_backup(app, req):
+    """202 job.  404 unknown backup; 400 bad target_time (outside the window:
+    `details.window`), target_time on a logical backup, unknown databases;
+    409 another cluster-wide operation runs; 503 pgBackRest not configured."""
+    backup_id, body = req.params["id"], req.body
+    safety = body.get("safety_backup", True)
+    manifest = read_manifest(app, backup_id)
+    if manifest is not None:
+        return submit_logical_restore(app, req, manifest, safety)
+    if not PHYSICAL_LABEL_RE.match(backup_id):
+        raise NotFound("Backup not found", {"backup": backup_id})
+    pgbr = PgBackRest(app)
+    pgbr.require()
+    backups = pgbr.backups()
+    backup = next((b for b in backups if b["label"] == backup_id), None)
+    if backup is None:
+        raise NotFound("Backup not found", {"backup": backup_id})
+    if "databases" in body:
+        raise BadRequest("databases applies to logical backups only; a physical "
+                         "restore replaces the whole cluster", {"field": "databases"})
+    running = app.jobs.running_exclusive()
+    if running is not None:
+        raise Conflict(f"Another operation is running: job {running.id}",
+                       {"job": running.id, "kind": running.data["kind"]})
+    target = None
+    if body.get("target_time") is not None:
+        target = parse_target_time(body["target_time"])
+        check_target_time(app, backup, backups, target)
+    if safety and app.postgres_info() is None:
+        raise Unavailable("PostgreSQL is down, so no safety backup can be taken; start "
+                          "it, or restore with safety_backup false", "postgres")
+    return job_accepted(app.jobs.submit(
+        "restore", dict(body, backup=backup_id),
+        lambda job: physical_restore(app, job, backup_id, target, safety),
+        conflicts=("logical-backup",)))
+
+
+def submit_logical_restore(app, req, manifest, safety):
+    body = req.body
+    if body.get("target_time") is not None:
+        raise BadRequest("target_time applies to physical backups only",
+                         {"field": "target_time"})
+    dumped = [d["name"] for d in manifest["databases"]]
+    names = body.get("databases") or dumped
+    unknown = [n for n in names if n not in dumped]
+    if unknown:
+        raise BadRequest("These databases are not in the backup: " + ", ".join(unknown),
+                         {"field": "databases", "databases": unknown, "allowed": dumped})
+    return job_accepted(app.jobs.submit(
+        "restore", dict(body, backup=manifest["id"]),
+        lambda job: logical_restore(app, job, manifest, names, safety),
+        conflicts=("logical-backup",)))
+
+
+def job_using(app, backup_id):
+    return next((j for j in app.jobs.list() if j["state"] in ("queued", "running")
+                 and j["request"].get("backup") == backup_id), None)
+
+
+def delete_backup(app, req):
+    """204.  404 unknown; 409 a physical backup others depend on (details
+    .dependents), the last full backup, or an operation using the backup."""
+    backup_id = req.params["id"]
+    if read_manifest(app, backup_id) is not None:
+        user = job_using(app, backup_id)
+        if user is not None:
+            raise Conflict(f"Job {user['id']} is using this backup", {"job": user["id"]})
+        shutil.rmtree(os.path.join(backups_dir(app), backup_id))
+        return Reply(HTTPStatus.NO_CONTENT)
+    if not PHYSICAL_LABEL_RE.match(backup_id):
+        raise NotFound("Backup not found", {"backup": backup_id})
+    pgbr = PgBackRest(app)
+    pgbr.require()
+    backups = pgbr.backups()
+    if backup_id not in [b["label"] for b in backups]:
+        raise NotFound("Backup not found", {"backup": backup_id})
+    dependents = dependents_of(backup_id, backups)
+    if dependents:
+        raise Conflict("Other backups depend on this one; delete them first",
+                       {"backup": backup_id, "dependents": dependents})
+    running = app.jobs.running_exclusive()
+    if running is not None:
+        raise Conflict(f"Another operation is running: job {running.id}",
+                       {"job": running.id})
+    result = pgbr.run_short("expire", f"--set={backup_id}", "--log-level-console=info")
+    if result.returncode != 0:
+        message = tool_error((result.stdout + result.stderr).splitlines())
+        if "[075]" in message:   # the last full backup of the repository
+            raise Conflict("pgBackRest keeps at least one full backup: " + message,
+                           {"backup": backup_id})
+        raise Unavailable("pgbackrest expire failed: " + message, "pgbackrest")
+    log.info("backup %s expired", backup_id)
+    return Reply(HTTPStatus.NO_CONTENT)
+
+
+RESTORE_BODY = {"target_time": Field("string", nullable=True),
+                "databases": Field("array", items="string"),
+                "safety_backup": Field("boolean")}
+BACKUP_BODY = {"type": Field("string", enum=["full", "diff", "incr", "logical"]),
+               "databases": Field("array", items="string")}
+
+BACKUP_ROUTES = [
+    Route("GET", "/backups", list_backups),
+    Route("POST", "/backups", create_backup, "admin", BACKUP_BODY, body_required=False),
+    Route("POST", "/backups/{id}/restore", restore_backup, "admin", RESTORE_BODY,
+          body_required=False),
+    Route("DELETE", "/backups/{id}", delete_backup, "admin"),
+]
 
 
 # ---------------------------------------------------------------------------
@@ -2567,7 +3583,7 @@ def run_pg_tool(app, job, argv, dbname="template1", stdin=None, stdout=None, dat
     return result.stdout
 
 
-def dump_databases(app, job, dest):
+def dump_cluster_into(app, job, dest):
     """Roles (pg_dumpall --roles-only) and each database (pg_dump -Fc) into dest."""
     os.mkdir(dest, 0o700)
     rows = app.db.query("SELECT datname, datallowconn FROM pg_database "
@@ -2713,7 +3729,7 @@ def build_snapshot(app, job, name, description, paths, missing_ok=False):
     os.mkdir(tmp, 0o700)
     try:
         trees, added = snapshot_files(app, job, tmp, paths, missing_ok)
-        database = dump_databases(app, job, os.path.join(tmp, "db"))
+        database = dump_cluster_into(app, job, os.path.join(tmp, "db"))
         summary = snapshot_summary(name, description, created, trees, database, added)
         write_json(os.path.join(tmp, "manifest.json"), {"trees": trees})
         write_json(os.path.join(tmp, "snapshot.json"), summary)
@@ -3607,6 +4623,8 @@ class App:
         self.jobs = JobManager(config["state_dir"], listener=self.audit.job_event)
         self.db_sizes = DatabaseSizes(self.db)
         self.db_sizes.start()
+        reap_orphan_tools(self.jobs.dir)
+        clean_partial_dumps(config["backups"]["dir"])
 
     def reload(self):
         """SIGHUP: re-read what can change safely; listen address and port stay."""

@@ -129,6 +129,10 @@ class Server:
             "postgres": {"dsn": cluster.dsn, "service": "postgres"},
             "backups": {"dir": os.path.join(self.dir, "backups")},
             "snapshots": {"dir": os.path.join(self.dir, "snapshots")},
+            # Never the machine's own pgBackRest setup: tests that need one
+            # pass their own config and stanza.
+            "pgbackrest": {"enabled": False,
+                           "config": os.path.join(self.dir, "no-pgbackrest.conf")},
             "services": {"postgres": cluster.service_entry()},
         }
         config.update(overrides)
@@ -250,6 +254,18 @@ def assert_error(status, data, want_status, want_code):
     assert data["error"]["code"] == want_code, data
     assert isinstance(data["error"]["message"], str) and data["error"]["message"]
     assert isinstance(data["error"]["details"], dict)
+
+
+def wait_job(server, job_id, timeout=240):
+    """The job once it has ended (succeeded or failed)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status, _, data = server.request("GET", f"jobs/{job_id}")
+        assert status == 200, data
+        if data["job"]["state"] in ("succeeded", "failed"):
+            return data["job"]
+        time.sleep(0.3)
+    raise AssertionError(f"job {job_id} still {data['job']['state']}: {data}")
 
 
 def raw_exchange(port, payload, timeout=10):
@@ -2188,11 +2204,20 @@ def test_openapi_job_route_documents_202_job():
     assert op["requestBody"]["required"] is False
 
 
-def test_schemathesis_fuzz_no_5xx_and_replies_match_document(fresh_cluster, make_server,
+@pytest.fixture
+def fuzz_cluster():
+    """Throwaway, with pgBackRest set up: a 503 for a missing dependency is a 5xx too."""
+    cluster = backup_cluster()
+    yield cluster
+    cluster.destroy()
+
+
+def test_schemathesis_fuzz_no_5xx_and_replies_match_document(fuzz_cluster, make_server,
                                                              tools, tmp_path):
     """Bounded fuzzing against a throwaway cluster and server, from the document."""
-    server = make_server(fresh_cluster)
-    # A key name the fuzzer cannot guess, so DELETE /keys/{name} spares it.
+    server = backup_server(make_server, fuzz_cluster)
+    # Its stateful phase follows links from GET /keys to DELETE /keys/{name}, so
+    # that operation is left out: it would revoke the fuzzer's own key.
     secret = server.cli("key", "create", "--name", "fuzz-" + os.urandom(6).hex()).strip()
     base = f"http://127.0.0.1:{server.port}{API}"
     seed = os.environ.get("PIGLET_FUZZ_SEED", "20240501")
@@ -2201,7 +2226,8 @@ def test_schemathesis_fuzz_no_5xx_and_replies_match_document(fresh_cluster, make
         [os.path.join(tools, "schemathesis"), "run", f"{base}/openapi.json", "--url", base,
          "-H", f"Authorization: Bearer {secret}", "--checks", FUZZ_CHECKS,
          "--max-examples", "25", "--seed", seed, "--workers", "1",
-         "--request-timeout", "60", "--max-failures", "20", "--no-shrink"],
+         "--request-timeout", "60", "--max-failures", "20", "--no-shrink",
+         "--exclude-operation-id", "revoke_key"],
         capture_output=True, text=True, timeout=240, cwd=tmp_path,
         env=dict(os.environ, SCHEMATHESIS_HOOKS="", NO_COLOR="1"))
     report = result.stdout[-6000:] + result.stderr[-2000:]
@@ -2501,16 +2527,6 @@ def test_idempotency_survives_restart(cluster, make_server):
     status, _, data = server.request("POST", "keys", {"name": "kept2"}, headers=headers)
     assert_error(status, data, 409, "CONFLICT")
     assert [k["name"] for k in server.request("GET", "keys")[2]["keys"]].count("kept") == 1
-
-
-def wait_job(server, job_id, seconds=120):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        job = server.request("GET", f"jobs/{job_id}")[2]["job"]
-        if job["state"] in ("succeeded", "failed"):
-            return job
-        time.sleep(0.2)
-    raise AssertionError(f"job {job_id} did not finish")
 
 
 def test_idempotent_logical_backup_one_job(fresh_cluster, make_server):
@@ -2987,3 +3003,466 @@ def test_snapshot_restore_with_damaged_dump_fails_touching_nothing(snap):
     with open(snap.events) as handle:
         assert handle.read().split() == ["start", "stop", "start"]
     assert snap.server.request("GET", "services/editor")[2]["status"] == "running"
+
+
+
+# ---------------------------------------------------------------------------
+# Backups and restores (real pgBackRest and pg_dump)
+# ---------------------------------------------------------------------------
+
+import datetime  # noqa: E402
+
+STANZA = "piglet"
+PHYSICAL_LABEL = re.compile(r"^\d{8}-\d{6}F(_\d{8}-\d{6}[DI])?$")
+LOGICAL_ID = re.compile(r"^\d{8}-\d{6}L-[0-9a-f]{6}$")
+
+
+def archive_command(cluster, stanza=STANZA):
+    return f"pgbackrest --config {cluster.pgbr_conf} --stanza {stanza} archive-push %p"
+
+
+def set_archive_command(cluster, command):
+    with cluster.connect() as conn:
+        conn.execute("ALTER SYSTEM SET archive_command = %s" % sql_literal(command))
+        conn.execute("SELECT pg_reload_conf()")
+    time.sleep(0.3)  # the archiver re-reads its config on its next loop
+
+
+def sql_literal(text):
+    return "'" + text.replace("'", "''") + "'"
+
+
+def backup_cluster(stanza_create=True):
+    """A cluster archiving through its own pgBackRest config, all in its temp dir."""
+    cluster = Cluster(settings=["archive_mode = on"])
+    uid = pwd.getpwnam(PG_USER).pw_uid
+    dirs = {}
+    for name in ("repo", "log", "lock", "spool"):
+        dirs[name] = os.path.join(cluster.base, "pgbr-" + name)
+        os.mkdir(dirs[name], 0o750)
+        if IS_ROOT:
+            os.chown(dirs[name], uid, -1)
+    cluster.pgbr_dirs = dirs
+    cluster.pgbr_conf = os.path.join(cluster.base, "pgbackrest.conf")
+    with open(cluster.pgbr_conf, "w") as handle:
+        handle.write(f"[global]\nrepo1-path={dirs['repo']}\nlog-path={dirs['log']}\n"
+                     f"lock-path={dirs['lock']}\nspool-path={dirs['spool']}\n"
+                     "compress-type=none\nstart-fast=y\narchive-timeout=8\njob-retry=0\n"
+                     f"repo1-retention-full=9999\n\n[{STANZA}]\npg1-path={cluster.data}\n"
+                     f"pg1-port={cluster.port}\npg1-socket-path={cluster.sock}\n")
+    os.chmod(cluster.pgbr_conf, 0o644)
+    set_archive_command(cluster, archive_command(cluster))
+    if stanza_create:
+        pgbackrest(cluster, "stanza-create")
+    return cluster
+
+
+def pgbackrest(cluster, *args):
+    return run_as_pg(["pgbackrest", f"--config={cluster.pgbr_conf}",
+                      f"--stanza={STANZA}", *args]).stdout
+
+
+def backup_server(make, cluster):
+    return make(cluster, pgbackrest={"stanza": STANZA, "config": cluster.pgbr_conf,
+                                     "enabled": True})
+
+
+@pytest.fixture(scope="session")
+def br_cluster():
+    cluster = backup_cluster()
+    yield cluster
+    cluster.destroy()
+
+
+@pytest.fixture(scope="session")
+def br_server(br_cluster):
+    server = backup_server(Server, br_cluster)
+    yield server
+    server.destroy()
+
+
+@pytest.fixture
+def make_backup_cluster():
+    made = []
+
+    def make(**kwargs):
+        made.append(backup_cluster(**kwargs))
+        return made[-1]
+
+    yield make
+    for cluster in made:
+        cluster.destroy()
+
+
+def start_job(server, method, path, body=None):
+    status, headers, data = server.request(method, path, body)
+    assert status == 202, data
+    job = data["job"]
+    assert headers["Location"] == f"{API}/jobs/{job['id']}"
+    assert job["state"] in ("queued", "running")
+    return job
+
+
+def run_job(server, method, path, body=None, state="succeeded"):
+    job = wait_job(server, start_job(server, method, path, body)["id"])
+    assert job["state"] == state, job
+    return job
+
+
+def query(cluster, statement, db="postgres"):
+    with cluster.connect(db) as conn:
+        cur = conn.execute(statement)
+        return cur.fetchall() if cur.description else None
+
+
+def postmaster_pid(cluster):
+    with open(os.path.join(cluster.data, "postmaster.pid")) as handle:
+        return int(handle.readline())
+
+
+def listed(server):
+    status, _, data = server.request("GET", "backups")
+    assert status == 200, data
+    return data
+
+
+def rfc3339(moment, hours=0):
+    zone = datetime.timezone(datetime.timedelta(hours=hours))
+    return moment.astimezone(zone).isoformat(timespec="microseconds")
+
+
+def test_backups_no_stanza_empty_list_then_backup_creates_it(make_backup_cluster,
+                                                             make_server):
+    cluster = make_backup_cluster(stanza_create=False)
+    server = backup_server(make_server, cluster)
+    data = listed(server)
+    assert data == {"backups": [], "recovery_window": {"earliest": None, "latest": None}}
+    job = run_job(server, "POST", "backups", {})
+    assert job["result"]["stanza_created"] is True
+    assert job["result"]["type"] == "full" and job["progress"] == 100
+    assert any("creating it" in line for line in job["log_tail"])
+    data = listed(server)
+    assert [b["id"] for b in data["backups"]] == [job["result"]["backup"]]
+    assert data["recovery_window"]["earliest"] == data["backups"][0]["finished_at"]
+    # The only full backup of the repository cannot go: pgBackRest keeps one.
+    status, _, body = server.request("DELETE", f"backups/{job['result']['backup']}")
+    assert_error(status, body, 409, "CONFLICT")
+
+
+def test_backup_full_then_incr_listed_with_fields_and_owned_by_postgres(br_server,
+                                                                       br_cluster):
+    full = run_job(br_server, "POST", "backups", {"type": "full"})["result"]["backup"]
+    incr = run_job(br_server, "POST", "backups", {"type": "incr"})["result"]["backup"]
+    assert PHYSICAL_LABEL.match(full) and full.endswith("F")
+    assert incr.startswith(full + "_") and incr.endswith("I")
+    data = listed(br_server)
+    by_id = {b["id"]: b for b in data["backups"]}
+    assert by_id[incr]["prior"] == full and by_id[full]["prior"] is None
+    entry = by_id[full]
+    assert entry["method"] == "physical" and entry["type"] == "full"
+    assert entry["databases"] == "all" and entry["size_bytes"] > 0
+    assert entry["size"].endswith("B")
+    assert entry["created_at"] <= entry["finished_at"]
+    assert re.fullmatch(r"[0-9A-F]{24}", entry["wal"]["start"])
+    assert [b["created_at"] for b in data["backups"]] == sorted(
+        (b["created_at"] for b in data["backups"]), reverse=True)
+    window = data["recovery_window"]
+    assert window["earliest"] <= entry["finished_at"] <= window["latest"]
+    uid = pwd.getpwnam(PG_USER).pw_uid
+    for top in (br_cluster.pgbr_dirs["repo"], br_cluster.pgbr_dirs["log"]):
+        for root, dirs, files in os.walk(top):
+            for name in [root] + [os.path.join(root, f) for f in dirs + files]:
+                assert os.stat(name).st_uid == uid, name
+
+
+def test_backup_incr_while_full_runs_409_naming_job(br_server):
+    first = start_job(br_server, "POST", "backups", {"type": "full"})
+    status, _, data = br_server.request("POST", "backups", {"type": "incr"})
+    assert_error(status, data, 409, "CONFLICT")
+    assert data["error"]["details"]["job"] == first["id"]
+    status, _, data = br_server.request("GET", "status")
+    assert status == 200 and data["status"] == "healthy"
+    job = wait_job(br_server, first["id"])
+    assert job["state"] == "succeeded" and job["result"]["type"] == "full"
+
+
+def test_backup_archive_command_wrong_stanza_fails_with_pgbackrest_error(br_server,
+                                                                         br_cluster):
+    set_archive_command(br_cluster, archive_command(br_cluster, stanza="wrong"))
+    try:
+        job = start_job(br_server, "POST", "backups", {"type": "full"})
+        started = time.monotonic()
+        status, _, data = br_server.request("GET", "status")
+        assert status == 200 and data["status"] == "healthy"
+        job = wait_job(br_server, job["id"], timeout=120)
+        assert time.monotonic() - started < 120
+    finally:
+        set_archive_command(br_cluster, archive_command(br_cluster))
+    assert job["state"] == "failed"
+    assert job["error"]["code"] == "BACKUP_FAILED"
+    assert "pgbackrest backup failed: [082]" in job["error"]["message"]
+    assert any("ERROR: [082]" in line for line in job["log_tail"])
+
+
+def test_backup_bad_requests(br_server):
+    status, _, data = br_server.request("POST", "backups", {"type": "weekly"})
+    assert_error(status, data, 400, "BAD_REQUEST")
+    status, _, data = br_server.request("POST", "backups", {"databases": ["nosuchdb"]})
+    assert_error(status, data, 404, "NOT_FOUND")
+    assert data["error"]["details"] == {"database": "nosuchdb"}
+    status, _, data = br_server.request("POST", "backups",
+                                        {"databases": ["postgres"], "type": "incr"})
+    assert_error(status, data, 400, "BAD_REQUEST")
+    status, _, data = br_server.request("POST", "backups", {}, key="read")
+    assert_error(status, data, 403, "FORBIDDEN")
+    assert br_server.request("GET", "backups", key="read")[0] == 200
+
+
+def test_backup_pgbackrest_not_configured_503(cluster, make_server, tmp_path):
+    server = make_server(cluster, pgbackrest={"stanza": "x",
+                                              "config": str(tmp_path / "none.conf")})
+    status, _, data = server.request("POST", "backups", {"type": "full"})
+    assert_error(status, data, 503, "UNAVAILABLE")
+    assert data["error"]["details"]["dependency"] == "pgbackrest"
+    assert listed(server) == {"backups": [], "recovery_window": {"earliest": None,
+                                                                 "latest": None}}
+
+
+def test_restore_unknown_backup_404_nothing_stopped(br_server, br_cluster):
+    pid = postmaster_pid(br_cluster)
+    for backup_id in ("20990101-000000F", "nonsense", "..%2F..%2Fetc"):
+        status, _, data = br_server.request("POST", f"backups/{backup_id}/restore", {})
+        assert_error(status, data, 404, "NOT_FOUND")
+    assert postmaster_pid(br_cluster) == pid
+    assert query(br_cluster, "SELECT 1") == [(1,)]
+
+
+@pytest.fixture
+def newest_full(br_server, br_cluster):
+    data = listed(br_server)
+    fulls = [b for b in data["backups"] if b["type"] == "full"]
+    if not fulls:
+        run_job(br_server, "POST", "backups", {"type": "full"})
+        fulls = [b for b in listed(br_server)["backups"] if b["type"] == "full"]
+    return fulls[0]
+
+
+@pytest.mark.parametrize("case", ["before_stop", "tomorrow", "after_archived_wal"])
+def test_restore_target_time_outside_window_400_postgres_untouched(
+        br_server, br_cluster, newest_full, case):
+    pid = postmaster_pid(br_cluster)
+    finished = datetime.datetime.fromisoformat(newest_full["finished_at"].replace(
+        "Z", "+00:00"))
+    now = datetime.datetime.now(datetime.timezone.utc)
+    target = {"before_stop": finished - datetime.timedelta(minutes=1),
+              "tomorrow": now + datetime.timedelta(days=1),
+              "after_archived_wal": now - datetime.timedelta(milliseconds=200)}[case]
+    if case == "after_archived_wal":
+        while datetime.datetime.now(datetime.timezone.utc) < finished + \
+                datetime.timedelta(seconds=1.5):
+            time.sleep(0.2)   # the target must come after every backup's stop
+        target = datetime.datetime.now(datetime.timezone.utc)
+        set_archive_command(br_cluster, "/bin/false")
+    try:
+        status, _, data = br_server.request(
+            "POST", f"backups/{newest_full['id']}/restore",
+            {"target_time": rfc3339(target, hours=-5)})
+    finally:
+        set_archive_command(br_cluster, archive_command(br_cluster))
+    assert_error(status, data, 400, "BAD_REQUEST")
+    details = data["error"]["details"]
+    assert details["window"]["earliest"] == newest_full["finished_at"]
+    assert details["window"]["latest"] >= details["window"]["earliest"]
+    assert details["backup"] == newest_full["id"]
+    if case == "after_archived_wal":
+        assert details["window"]["latest"] < details["target_time"]
+    assert postmaster_pid(br_cluster) == pid
+    jobs = br_server.request("GET", "jobs")[2]["jobs"]
+    assert not [j for j in jobs if j["kind"] == "restore"
+                and j["request"].get("backup") == newest_full["id"]]
+
+
+@pytest.mark.parametrize("value", ["2024-05-01 12:00:00", "2024-05-01T12:00:00",
+                                   "yesterday", "2024-13-01T12:00:00Z"])
+def test_restore_target_time_not_rfc3339_400(br_server, newest_full, value):
+    status, _, data = br_server.request("POST", f"backups/{newest_full['id']}/restore",
+                                        {"target_time": value})
+    assert_error(status, data, 400, "BAD_REQUEST")
+    assert data["error"]["details"]["field"] == "target_time"
+
+
+def test_restore_point_in_time_exact_rows_then_safety_backup_brings_rest_back(
+        make_backup_cluster, make_server):
+    cluster = make_backup_cluster()
+    server = backup_server(make_server, cluster)
+    query(cluster, "CREATE TABLE t (v text)")
+    full = run_job(server, "POST", "backups", {})["result"]["backup"]
+    query(cluster, "INSERT INTO t VALUES ('a1'), ('a2')")
+    time.sleep(1.1)
+    target = rfc3339(datetime.datetime.now(datetime.timezone.utc), hours=2)
+    time.sleep(1.1)
+    query(cluster, "INSERT INTO t VALUES ('b1')")
+    job = run_job(server, "POST", f"backups/{full}/restore", {"target_time": target})
+    assert sorted(query(cluster, "SELECT v FROM t")) == [("a1",), ("a2",)]
+    result = job["result"]
+    assert result["backup"] == full and result["timeline"] == 2
+    assert result["postgres"] == "running"
+    assert query(cluster, "SELECT pg_is_in_recovery()") == [(False,)]
+    query(cluster, "CREATE TABLE after_restore (x int)")
+    assert server.request("GET", "status")[2]["status"] == "healthy"
+    safety = result["safety_backup"]
+    assert safety in [b["id"] for b in listed(server)["backups"]]
+    run_job(server, "POST", f"backups/{safety}/restore", {})
+    assert sorted(query(cluster, "SELECT v FROM t")) == [("a1",), ("a2",), ("b1",)]
+    query(cluster, "INSERT INTO t VALUES ('c1')")
+
+
+def test_restore_failure_after_stop_rolls_back_from_safety_backup(make_backup_cluster,
+                                                                  make_server):
+    cluster = make_backup_cluster()
+    server = backup_server(make_server, cluster)
+    old = run_job(server, "POST", "backups", {})["result"]["backup"]
+    run_job(server, "POST", "backups", {"type": "full"})
+    query(cluster, "CREATE TABLE present (v int); INSERT INTO present VALUES (7)")
+    # Damage the older backup in the repository: its restore fails half way.
+    os.unlink(os.path.join(cluster.pgbr_dirs["repo"], "backup", STANZA, old,
+                           "pg_data", "global", "pg_control"))
+    job = run_job(server, "POST", f"backups/{old}/restore", {}, state="failed")
+    error = job["error"]
+    assert error["code"] == "RESTORE_FAILED"
+    assert error["details"]["stage"] == "restore"
+    assert error["details"]["postgres"] == "running"
+    assert error["details"]["safety_backup"] in error["message"]
+    assert query(cluster, "SELECT v FROM present") == [(7,)]
+    query(cluster, "INSERT INTO present VALUES (8)")
+
+
+def test_logical_backups_same_second_distinct_ids(br_server, br_cluster):
+    first = start_job(br_server, "POST", "backups", {"databases": ["postgres"]})
+    second = start_job(br_server, "POST", "backups", {"databases": ["postgres"]})
+    ids = [wait_job(br_server, j["id"])["result"]["backup"] for j in (first, second)]
+    third = run_job(br_server, "POST", "backups", {"databases": ["postgres"],
+                                                   "type": "logical"})
+    ids.append(third["result"]["backup"])
+    assert len(set(ids)) == 3 and all(LOGICAL_ID.match(i) for i in ids)
+    folders = os.listdir(br_server.config["backups"]["dir"])
+    assert set(ids) <= set(folders)
+    entries = {b["id"]: b for b in listed(br_server)["backups"]}
+    assert entries[ids[0]]["method"] == "logical"
+    assert entries[ids[0]]["type"] == "logical"
+    assert entries[ids[0]]["databases"] == ["postgres"]
+
+
+def test_logical_restore_subset_replaces_whole_other_untouched(br_server, br_cluster):
+    for db in ("appdb", "otherdb"):
+        query(br_cluster, f"CREATE DATABASE {db}")
+        query(br_cluster, "CREATE TABLE t (v int); INSERT INTO t VALUES (1)", db)
+    job = run_job(br_server, "POST", "backups", {"databases": ["appdb", "otherdb"]})
+    backup = job["result"]["backup"]
+    for db in ("appdb", "otherdb"):
+        query(br_cluster, "INSERT INTO t VALUES (2); CREATE TABLE extra (x int)", db)
+    job = run_job(br_server, "POST", f"backups/{backup}/restore", {"databases": ["appdb"]})
+    assert job["result"]["databases"] == ["appdb"]
+    assert query(br_cluster, "SELECT v FROM t", "appdb") == [(1,)]
+    assert query(br_cluster, "SELECT to_regclass('extra') IS NULL", "appdb") == [(True,)]
+    assert sorted(query(br_cluster, "SELECT v FROM t", "otherdb")) == [(1,), (2,)]
+    safety = job["result"]["safety_backup"]
+    assert listed_ids(br_server)[safety]["databases"] == ["appdb"]
+    leftovers = query(br_cluster, "SELECT datname FROM pg_database "
+                                  "WHERE datname LIKE 'piglet_restore_%'")
+    assert leftovers == []
+    status, _, data = br_server.request("POST", f"backups/{backup}/restore",
+                                        {"target_time": "2024-01-01T00:00:00Z"})
+    assert_error(status, data, 400, "BAD_REQUEST")
+    status, _, data = br_server.request("POST", f"backups/{backup}/restore",
+                                        {"databases": ["postgres"]})
+    assert_error(status, data, 400, "BAD_REQUEST")
+
+
+def listed_ids(server):
+    return {b["id"]: b for b in listed(server)["backups"]}
+
+
+def test_logical_restore_missing_role_fails_listing_it(br_server, br_cluster):
+    query(br_cluster, "CREATE ROLE gone_owner")
+    query(br_cluster, "CREATE DATABASE roledb")
+    query(br_cluster, "CREATE TABLE owned (v int); ALTER TABLE owned OWNER TO gone_owner",
+          "roledb")
+    backup = run_job(br_server, "POST", "backups",
+                     {"databases": ["roledb"]})["result"]["backup"]
+    query(br_cluster, "DROP OWNED BY gone_owner; CREATE TABLE marker (x int)", "roledb")
+    query(br_cluster, "DROP ROLE gone_owner")
+    job = run_job(br_server, "POST", f"backups/{backup}/restore", {}, state="failed")
+    assert job["error"]["code"] == "MISSING_ROLES"
+    assert job["error"]["details"]["roles"] == ["gone_owner"]
+    assert "gone_owner" in job["error"]["message"]
+    assert query(br_cluster, "SELECT to_regclass('marker') IS NOT NULL", "roledb") == [
+        (True,)]
+
+
+def test_logical_backup_failed_dump_leaves_nothing(br_server, br_cluster):
+    query(br_cluster, "CREATE DATABASE closeddb")
+    query(br_cluster, "ALTER DATABASE closeddb ALLOW_CONNECTIONS false")
+    before = set(os.listdir(br_server.config["backups"]["dir"]))
+    job = run_job(br_server, "POST", "backups", {"databases": ["postgres", "closeddb"]},
+                  state="failed")
+    assert job["error"]["code"] == "BACKUP_FAILED"
+    assert "closeddb" in job["error"]["message"]
+    assert set(os.listdir(br_server.config["backups"]["dir"])) == before
+
+
+def test_delete_backups_logical_and_physical_dependents_409(br_server, br_cluster):
+    logical = run_job(br_server, "POST", "backups",
+                      {"databases": ["postgres"]})["result"]["backup"]
+    assert br_server.request("DELETE", f"backups/{logical}")[0] == 204
+    assert logical not in listed_ids(br_server)
+    assert logical not in os.listdir(br_server.config["backups"]["dir"])
+    full = run_job(br_server, "POST", "backups", {"type": "full"})["result"]["backup"]
+    incr = run_job(br_server, "POST", "backups", {"type": "incr"})["result"]["backup"]
+    status, _, data = br_server.request("DELETE", f"backups/{full}")
+    assert_error(status, data, 409, "CONFLICT")
+    assert data["error"]["details"]["dependents"] == [incr]
+    assert br_server.request("DELETE", f"backups/{incr}")[0] == 204
+    ids = listed_ids(br_server)
+    assert incr not in ids and full in ids
+    for missing in ("20990101-000000F", "20990101-000000L-abcdef", "x"):
+        status, _, data = br_server.request("DELETE", f"backups/{missing}")
+        assert_error(status, data, 404, "NOT_FOUND")
+
+
+def test_kill9_during_backup_interrupted_lock_free_new_backup_works(br_cluster,
+                                                                   make_server):
+    server = backup_server(make_server, br_cluster)
+    job = start_job(server, "POST", "backups", {"type": "full"})
+    lock = os.path.join(br_cluster.pgbr_dirs["lock"], f"{STANZA}-backup.lock")
+    deadline = time.monotonic() + 30
+    while not os.path.exists(lock) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert os.path.exists(lock)
+    time.sleep(0.5)
+    with open(lock) as handle:
+        tool_pid = json.load(handle)["pid"]
+    # Stopped, the orphan can neither finish nor die of a broken pipe: it
+    # holds pgBackRest's lock until the restarted Piglet deals with it.
+    os.kill(tool_pid, signal.SIGSTOP)
+    server.proc.kill()
+    server.proc.wait(timeout=10)
+    server.log_handle.close()
+    os.rename(server.log_file, server.log_file + ".before-kill")  # a fresh port line
+    server.start()
+    data = server.request("GET", f"jobs/{job['id']}")[2]["job"]
+    assert data["state"] == "failed" and data["error"]["code"] == "INTERRUPTED"
+    assert f"stopping pgbackrest (pid {tool_pid}) left by a previous run" in server.log()
+    assert process_gone(tool_pid)
+    info = json.loads(pgbackrest(br_cluster, "info", "--output=json"))[0]
+    assert info["status"]["lock"]["backup"]["held"] is False
+    again = run_job(server, "POST", "backups", {"type": "full"})
+    assert again["result"]["backup"] in listed_ids(server)
+
+
+def process_gone(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
