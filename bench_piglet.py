@@ -1,0 +1,637 @@
+#!/usr/bin/python3
+"""Benchmarks for piglet.py: figures to read, not a timed test.
+
+Run as root, from the repository:
+
+    /usr/bin/python3 bench_piglet.py [--quick] [--only SECTION[,SECTION]]
+
+Each run builds everything it measures and removes it on exit, Ctrl-C
+included: a throwaway PostgreSQL cluster (initdb as the `postgres` OS user
+into a temp dir, a free port, its own socket dir, fsync off), Piglet on
+port 0 with its own config and keys, and whatever else a section needs.
+All traffic stays on 127.0.0.1.  The load generator is wrk (Debian package
+`wrk`), a second process, with a Lua script that adds the Authorization
+header and reports the latency percentiles.
+
+Sections (all by default; --only picks some):
+    http    GET /api/v1/status against a bare ThreadingHTTPServer that
+            answers the same bytes, at 1, 10 and 50 keep-alive connections
+            (requests/s, p50, p99, server CPU per request), then Piglet's
+            RSS before and after the points and 100,000 more requests.
+            CPU per request is the figure to trust on a loaded machine.
+
+A section is a function `bench_<name>(env)` registered in SECTIONS; it
+prints its own table and returns a list of Target results.  The exit
+status is 0 when the run completes, whether or not targets are met, and
+1 when it cannot run.
+
+Absolute figures depend on the machine and its load; compare the ratios
+measured inside one run.
+"""
+
+import argparse
+import contextlib
+import glob
+import json
+import os
+import pwd
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PIGLET = os.path.join(HERE, "piglet.py")
+PG_USER = "postgres"
+IS_ROOT = os.geteuid() == 0
+STATUS_PATH = "/api/v1/status"
+
+POINT_SECONDS = 10            # wrk duration of one measured point
+QUICK_POINT_SECONDS = 3       # the same with --quick
+CONNECTIONS = (1, 10, 50)     # keep-alive connections per point
+WARMUP_REQUESTS = 1000        # per server, on one connection, not measured
+SOAK_REQUESTS = 100_000       # the RSS check: this many requests in a row
+SOAK_CONNECTIONS = 50
+SOAK_MAX_SECONDS = 600        # the soak stops here even short of its count
+WRK_REPLY_TIMEOUT = "5s"      # a reply slower than this counts as an error
+START_TIMEOUT = 20            # seconds for a server to say it listens
+STOP_TIMEOUT = 20             # seconds for a server to exit after SIGTERM
+COMMAND_TIMEOUT = 120         # initdb, pg_ctl, piglet.py key
+
+TARGET_RATIO_C10 = 0.30       # Piglet req/s at 10 connections vs bare
+TARGET_P99_C50_MS = 40.0      # Piglet p99 at 50 connections
+TARGET_RSS_GROWTH = 0.10      # Piglet RSS growth over the run
+
+
+class BenchError(Exception):
+    """The benchmark cannot run; the message says why."""
+
+
+# ---------------------------------------------------------------------------
+# Small utilities
+# ---------------------------------------------------------------------------
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def pg_bin():
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin"),
+                   key=lambda path: int(path.split("/")[-2]))
+    if not found:
+        raise BenchError("no PostgreSQL server binaries under /usr/lib/postgresql")
+    return found[-1]
+
+
+def run_as_pg(argv):
+    """Run a PostgreSQL tool as the cluster owner, in its own session so
+    that a Ctrl-C at the terminal reaches only this script."""
+    kwargs = {}
+    if IS_ROOT:
+        kwargs.update(user=PG_USER, group=pwd.getpwnam(PG_USER).pw_gid,
+                      extra_groups=[])
+    result = subprocess.run(argv, capture_output=True, text=True, cwd="/",
+                            timeout=COMMAND_TIMEOUT, start_new_session=True,
+                            **kwargs)
+    if result.returncode != 0:
+        raise BenchError(f"{os.path.basename(argv[0])} failed: "
+                         f"{(result.stderr or result.stdout).strip()}")
+    return result
+
+
+def make_temp_dir(prefix, owner=None):
+    path = tempfile.mkdtemp(prefix=prefix)
+    if owner is not None:
+        os.chown(path, pwd.getpwnam(owner).pw_uid, -1)
+    return path
+
+
+def wait_for_port(proc, log_file, what):
+    """The port from the "listening on 127.0.0.1:PORT" line in a log."""
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        with open(log_file, encoding="utf-8", errors="replace") as handle:
+            found = re.findall(r"listening on 127\.0\.0\.1:(\d+)", handle.read())
+        if found:
+            return int(found[-1])
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    with open(log_file, encoding="utf-8", errors="replace") as handle:
+        tail = handle.read()[-2000:]
+    raise BenchError(f"{what} did not start:\n{tail}")
+
+
+def stop_process(proc, timeout=STOP_TIMEOUT):
+    """SIGTERM, then SIGKILL when it overstays; never waits unbounded."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=5)
+
+
+def cpu_seconds(pid):
+    """User plus system CPU time a process has used so far."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
+        fields = handle.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_bytes(pid):
+    with open(f"/proc/{pid}/status", encoding="ascii") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise BenchError(f"no VmRSS for process {pid}")
+
+
+def raw_get(port, path, headers):
+    """One keep-alive GET over a plain socket: the reply's exact bytes."""
+    lines = [f"GET {path} HTTP/1.1", f"Host: 127.0.0.1:{port}"]
+    lines += [f"{name}: {value}" for name, value in headers.items()]
+    request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        reply = b""
+        while b"\r\n\r\n" not in reply:
+            reply += recv_some(sock)
+        head, _, body = reply.partition(b"\r\n\r\n")
+        length = int(re.search(rb"(?im)^content-length:\s*(\d+)", head).group(1))
+        while len(body) < length:
+            body += recv_some(sock)
+    return head + b"\r\n\r\n" + body
+
+
+def recv_some(sock):
+    data = sock.recv(65536)
+    if not data:
+        raise BenchError("the server closed the connection mid-reply")
+    return data
+
+
+def mb(size):
+    return f"{size / 1048576:.1f} MB"
+
+
+# ---------------------------------------------------------------------------
+# What a run measures against: a cluster, Piglet, a bare server
+# ---------------------------------------------------------------------------
+
+
+class Cluster:
+    """A throwaway PostgreSQL cluster: temp dir, free port, own socket dir."""
+
+    def __init__(self):
+        self.bin = pg_bin()
+        self.owner = PG_USER if IS_ROOT else pwd.getpwuid(os.geteuid()).pw_name
+        self.base = make_temp_dir("piglet-bench-pg-", PG_USER if IS_ROOT else None)
+        self.data = os.path.join(self.base, "data")
+        self.logfile = os.path.join(self.base, "server.log")
+        self.port = free_port()
+        self.started = False
+
+    def create(self):
+        run_as_pg([f"{self.bin}/initdb", "-D", self.data, "-U", "postgres",
+                   "-A", "trust", "--no-sync", "-E", "UTF8", "--locale=C.UTF-8"])
+        settings = ["fsync = off", "synchronous_commit = off",
+                    "full_page_writes = off", f"port = {self.port}",
+                    f"unix_socket_directories = '{self.base}'",
+                    "listen_addresses = '127.0.0.1'"]
+        with open(os.path.join(self.data, "postgresql.auto.conf"), "a") as handle:
+            handle.write("\n".join(settings) + "\n")
+        self.started = True  # from here on, destroy() tries a stop
+        run_as_pg(self.pg_ctl("start", "-w", "-l", self.logfile))
+
+    @property
+    def dsn(self):
+        return f"host={self.base} port={self.port} dbname=postgres user=postgres"
+
+    def pg_ctl(self, *args):
+        return [f"{self.bin}/pg_ctl", *args, "-D", self.data]
+
+    def service_entry(self):
+        """Explicit start/stop/status commands, as on a host without systemd."""
+        return {"start": self.pg_ctl("start", "-w", "-l", self.logfile),
+                "stop": self.pg_ctl("stop", "-w", "-m", "fast"),
+                "status": self.pg_ctl("status"), "user": self.owner,
+                "port": self.port}
+
+    def destroy(self):
+        if self.started:
+            with contextlib.suppress(BenchError, subprocess.SubprocessError):
+                run_as_pg(self.pg_ctl("stop", "-w", "-m", "immediate"))
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+class Piglet:
+    """`piglet.py serve` on port 0 with limits raised and its own keys."""
+
+    def __init__(self, cluster, workdir):
+        self.dir = workdir
+        self.config_file = os.path.join(workdir, "piglet.json")
+        self.log_file = os.path.join(workdir, "piglet.log")
+        self.proc = None
+        self.port = None
+        self.key = None
+        self.config = {
+            "listen": "127.0.0.1", "port": 0,
+            "keys_file": os.path.join(workdir, "keys.json"),
+            "state_dir": os.path.join(workdir, "state"),
+            # Far above any load here, so no request meets a 429.
+            "rate_limit": {"per_minute": 10**9, "burst": 10**9},
+            "postgres": {"dsn": cluster.dsn, "service": "postgres"},
+            "backups": {"dir": os.path.join(workdir, "backups")},
+            "snapshots": {"dir": os.path.join(workdir, "snapshots")},
+            "services": {"postgres": cluster.service_entry()},
+        }
+
+    def start(self):
+        with open(self.config_file, "w", encoding="utf-8") as handle:
+            json.dump(self.config, handle)
+        self.key = self.cli("key", "create", "--name", "bench").strip()
+        with open(self.log_file, "ab") as log_handle:
+            self.proc = subprocess.Popen(
+                [sys.executable, PIGLET, "serve", "--config", self.config_file],
+                stdin=subprocess.DEVNULL, stdout=log_handle,
+                stderr=subprocess.STDOUT, start_new_session=True)
+        self.port = wait_for_port(self.proc, self.log_file, "piglet")
+
+    def cli(self, *args):
+        result = subprocess.run(
+            [sys.executable, PIGLET, *args, "--config", self.config_file],
+            capture_output=True, text=True, timeout=COMMAND_TIMEOUT,
+            start_new_session=True)
+        if result.returncode != 0:
+            raise BenchError(f"piglet.py {' '.join(args)} failed: {result.stderr}")
+        return result.stdout
+
+    def headers(self):
+        return {"Authorization": f"Bearer {self.key}"}
+
+    def rss(self):
+        return rss_bytes(self.proc.pid)
+
+    def stop(self):
+        if self.proc is not None:
+            stop_process(self.proc)
+
+
+# A ThreadingHTTPServer doing nothing but answer fixed bytes: the floor
+# Piglet is compared with.  It parses the request line and headers as any
+# stdlib server does, and sends each reply in one write.
+BARE_SERVER = r"""
+import http.server, sys
+
+with open(sys.argv[1], "rb") as handle:
+    REPLY = handle.read()
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+
+    def do_GET(self):
+        self.wfile.write(REPLY)
+
+    def log_message(self, *args):
+        pass
+
+class Server(http.server.ThreadingHTTPServer):
+    request_queue_size = 128
+    daemon_threads = True
+
+server = Server(("127.0.0.1", 0), Handler)
+print("listening on 127.0.0.1:%d" % server.server_address[1], flush=True)
+server.serve_forever()
+"""
+
+
+class BareServer:
+    """BARE_SERVER in a subprocess, answering `reply` to every GET."""
+
+    def __init__(self, workdir, reply):
+        self.reply_file = os.path.join(workdir, "bare-reply.bin")
+        self.log_file = os.path.join(workdir, "bare.log")
+        with open(self.reply_file, "wb") as handle:
+            handle.write(reply)
+        self.proc = None
+        self.port = None
+
+    def start(self):
+        with open(self.log_file, "ab") as log_handle:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", BARE_SERVER, self.reply_file],
+                stdin=subprocess.DEVNULL, stdout=log_handle,
+                stderr=subprocess.STDOUT, start_new_session=True)
+        self.port = wait_for_port(self.proc, self.log_file, "the bare server")
+
+    def stop(self):
+        if self.proc is not None:
+            stop_process(self.proc, timeout=5)
+
+
+# ---------------------------------------------------------------------------
+# Load generation: wrk with a Lua script
+# ---------------------------------------------------------------------------
+
+# BENCH_AUTH becomes the Authorization header.  With BENCH_MAX_REQUESTS
+# the thread stops after that many replies and raises SIGINT in wrk itself,
+# which is how wrk's main thread cuts its sleep short and prints the
+# summary (run with one thread, so the count is exact).
+WRK_SCRIPT = r"""
+local auth = os.getenv("BENCH_AUTH")
+if auth and auth ~= "" then
+  wrk.headers["Authorization"] = auth
+end
+
+local limit = tonumber(os.getenv("BENCH_MAX_REQUESTS") or "0")
+if limit > 0 then
+  local ffi = require("ffi")
+  ffi.cdef("int kill(int pid, int sig); int getpid(void);")
+  local seen = 0
+  function response(status, headers, body)
+    seen = seen + 1
+    if seen == limit then
+      wrk.thread:stop()
+      ffi.C.kill(ffi.C.getpid(), 2)
+    end
+  end
+end
+
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    "BENCH-RESULT requests=%d duration_us=%d p50_us=%d p99_us=%d max_us=%d "
+    .. "bad_status=%d socket_errors=%d\n",
+    summary.requests, summary.duration, latency:percentile(50),
+    latency:percentile(99), latency.max, e.status,
+    e.connect + e.read + e.write + e.timeout))
+end
+"""
+
+RESULT_RE = re.compile(r"BENCH-RESULT (.*)")
+
+
+class LoadResult:
+    def __init__(self, fields):
+        self.requests = fields["requests"]
+        self.seconds = fields["duration_us"] / 1e6
+        self.rate = self.requests / self.seconds if self.seconds else 0.0
+        self.p50_ms = fields["p50_us"] / 1000
+        self.p99_ms = fields["p99_us"] / 1000
+        self.max_ms = fields["max_us"] / 1000
+        self.errors = fields["bad_status"] + fields["socket_errors"]
+        self.cpu_us = None  # server CPU per request, when measured
+
+
+class Wrk:
+    def __init__(self, workdir):
+        self.script = os.path.join(workdir, "bench.lua")
+        with open(self.script, "w", encoding="utf-8") as handle:
+            handle.write(WRK_SCRIPT)
+
+    def run(self, port, headers, connections, seconds, max_requests=0):
+        """One wrk run against GET STATUS_PATH; one thread is plenty for
+        a Python server and leaves the other core to it."""
+        argv = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency",
+                f"--timeout={WRK_REPLY_TIMEOUT}", "-s", self.script,
+                f"http://127.0.0.1:{port}{STATUS_PATH}"]
+        env = dict(os.environ, BENCH_AUTH=headers.get("Authorization", ""),
+                   BENCH_MAX_REQUESTS=str(max_requests))
+        result = subprocess.run(argv, capture_output=True, text=True, env=env,
+                                timeout=seconds + 60, start_new_session=True)
+        found = RESULT_RE.search(result.stdout)
+        if result.returncode != 0 or not found:
+            raise BenchError(f"wrk failed ({result.returncode}): "
+                             f"{result.stderr.strip() or result.stdout.strip()}")
+        fields = dict(item.split("=") for item in found.group(1).split())
+        return LoadResult({name: int(value) for name, value in fields.items()})
+
+
+# ---------------------------------------------------------------------------
+# The environment shared by sections, torn down on exit
+# ---------------------------------------------------------------------------
+
+
+class Target:
+    def __init__(self, text, met, measured):
+        self.text, self.met, self.measured = text, met, measured
+
+    def line(self):
+        mark = "met    " if self.met else "NOT MET"
+        return f"  [{mark}] {self.text}: {self.measured}"
+
+
+class Env:
+    """Lazily built shared pieces; every one registers its own cleanup."""
+
+    def __init__(self, args):
+        if shutil.which("wrk") is None:
+            raise BenchError("wrk is not installed (apt-get install wrk)")
+        self.args = args
+        self.seconds = QUICK_POINT_SECONDS if args.quick else POINT_SECONDS
+        self.stack = contextlib.ExitStack()
+        self.workdir = make_temp_dir("piglet-bench-")
+        self.stack.callback(shutil.rmtree, self.workdir, ignore_errors=True)
+        self._cluster = self._piglet = None
+        self.wrk = Wrk(self.workdir)
+
+    def cluster(self):
+        if self._cluster is None:
+            cluster = Cluster()
+            self.stack.callback(cluster.destroy)
+            cluster.create()
+            self._cluster = cluster
+        return self._cluster
+
+    def piglet(self):
+        if self._piglet is None:
+            piglet = Piglet(self.cluster(), os.path.join(self.workdir, "piglet"))
+            os.makedirs(piglet.dir)
+            self.stack.callback(piglet.stop)
+            piglet.start()
+            self._piglet = piglet
+        return self._piglet
+
+    def close(self):
+        # A second Ctrl-C must not cut the cleanup short.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        self.stack.close()
+
+
+# ---------------------------------------------------------------------------
+# Section http: Piglet's GET /status against a bare stdlib server
+# ---------------------------------------------------------------------------
+
+
+def bench_http(env):
+    piglet = env.piglet()
+    reply = raw_get(piglet.port, STATUS_PATH, piglet.headers())
+    check_healthy(reply)
+    bare = BareServer(env.workdir, reply)
+    env.stack.callback(bare.stop)
+    bare.start()
+    servers = {"piglet": piglet, "bare": bare}
+    for server in servers.values():
+        env.wrk.run(server.port, piglet.headers(), 1, 30, WARMUP_REQUESTS)
+    rss = [("idle, after warm-up", piglet.rss())]
+    points = measure_points(env, servers, piglet.headers())
+    rss.append(("after the points", piglet.rss()))
+    soak = env.wrk.run(piglet.port, piglet.headers(), SOAK_CONNECTIONS,
+                       SOAK_MAX_SECONDS, SOAK_REQUESTS)
+    rss.append((f"after {soak.requests:,} more requests", piglet.rss()))
+    print_http_table(env, points, rss, soak)
+    return http_targets(points, rss)
+
+
+def check_healthy(reply):
+    head, _, body = reply.partition(b"\r\n\r\n")
+    status = None
+    if head.startswith(b"HTTP/1.1 200"):
+        status = json.loads(body).get("status")
+    if status != "healthy":
+        raise BenchError("Piglet's /status is not a healthy 200; measuring it "
+                         f"would mislead:\n{reply.decode('utf-8', 'replace')}")
+
+
+def measure_points(env, servers, headers):
+    """{(server, connections): LoadResult}, the servers taking turns at
+    each level so that a change in the machine's load hits both alike.
+
+    Each point also records the server's CPU time per request, which other
+    work on a shared machine disturbs far less than requests per second.
+    """
+    points = {}
+    for connections in CONNECTIONS:
+        for name, server in servers.items():
+            before = cpu_seconds(server.proc.pid)
+            result = env.wrk.run(server.port, headers, connections, env.seconds)
+            used = cpu_seconds(server.proc.pid) - before
+            result.cpu_us = used * 1e6 / result.requests if result.requests else 0
+            points[name, connections] = result
+    return points
+
+
+def print_http_table(env, points, rss, soak):
+    print(f"\nHTTP: GET {STATUS_PATH}, keep-alive, wrk -t1, {env.seconds} s "
+          "per point (bare = ThreadingHTTPServer answering the same bytes)")
+    print(f"{'conns':>5} | {'Piglet req/s':>12} {'p50 ms':>7} {'p99 ms':>7} "
+          f"{'CPU us/req':>10} | {'bare req/s':>10} {'p50 ms':>7} {'p99 ms':>7} "
+          f"{'CPU us/req':>10} | {'Piglet/bare':>11}")
+    for connections in CONNECTIONS:
+        ours, bare = points["piglet", connections], points["bare", connections]
+        print(f"{connections:>5} | {point_cells(ours, 12)} | "
+              f"{point_cells(bare, 10)} | {ratio(ours, bare):>11.1%}")
+    for (name, connections), result in points.items():
+        if result.errors:
+            print(f"  warning: {name} at {connections} connections: "
+                  f"{result.errors} errors or non-2xx replies")
+    print(f"Soak: {soak.requests:,} requests at {SOAK_CONNECTIONS} connections, "
+          f"{soak.rate:,.0f} req/s, p99 {soak.p99_ms:.2f} ms, "
+          f"max {soak.max_ms:.1f} ms, {soak.errors} errors")
+    print("Piglet RSS: " + " -> ".join(f"{mb(size)} ({when})" for when, size in rss))
+
+
+def point_cells(result, width):
+    return (f"{result.rate:>{width},.0f} {result.p50_ms:>7.2f} "
+            f"{result.p99_ms:>7.2f} {result.cpu_us:>10.0f}")
+
+
+def ratio(ours, bare):
+    return ours.rate / bare.rate if bare.rate else 0.0
+
+
+def http_targets(points, rss):
+    c10 = ratio(points["piglet", 10], points["bare", 10])
+    p99 = points["piglet", 50].p99_ms
+    growth = rss[-1][1] / rss[0][1] - 1
+    return [
+        Target(f"req/s at 10 connections >= {TARGET_RATIO_C10:.0%} of bare",
+               c10 >= TARGET_RATIO_C10, f"{c10:.1%}"),
+        Target(f"p99 at 50 connections < {TARGET_P99_C50_MS:.0f} ms",
+               p99 < TARGET_P99_C50_MS, f"{p99:.1f} ms"),
+        Target(f"RSS growth over the run < {TARGET_RSS_GROWTH:.0%}",
+               growth < TARGET_RSS_GROWTH,
+               f"{growth:+.1%} ({mb(rss[0][1])} -> {mb(rss[-1][1])})"),
+    ]
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+SECTIONS = {"http": bench_http}
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help=f"{QUICK_POINT_SECONDS} s per point instead of "
+                        f"{POINT_SECONDS} s")
+    parser.add_argument("--only", type=parse_sections, default=list(SECTIONS),
+                        metavar="SECTION[,SECTION]",
+                        help="run only these sections: " + ", ".join(SECTIONS))
+    return parser.parse_args(argv)
+
+
+def parse_sections(text):
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in SECTIONS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown section {', '.join(unknown) or repr(text)}; "
+            f"choose from {', '.join(SECTIONS)}")
+    return names
+
+
+def on_sigterm(signum, frame):
+    raise KeyboardInterrupt  # the same orderly cleanup as Ctrl-C
+
+
+def run(args):
+    load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
+    print(f"piglet benchmarks: {', '.join(args.only)}; {os.cpu_count()} CPUs, "
+          f"load average {load}")
+    env = Env(args)
+    try:
+        targets = []
+        for name in args.only:
+            targets += SECTIONS[name](env)
+    finally:
+        env.close()
+    print("\nTargets")
+    for target in targets:
+        print(target.line())
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    signal.signal(signal.SIGTERM, on_sigterm)
+    # Even when started with SIGINT ignored (a background job), so that
+    # `kill -INT` cleans up like Ctrl-C.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        run(args)
+    except BenchError as exc:
+        print(f"bench_piglet: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("bench_piglet: interrupted; everything it started is removed",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
