@@ -156,6 +156,7 @@ class Server:
         return result.stdout
 
     def start(self, env=None):
+        self.log_offset = os.path.getsize(self.log_file) if os.path.exists(self.log_file) else 0
         self.log_handle = open(self.log_file, "a")
         self.proc = subprocess.Popen(
             [sys.executable, PIGLET, "serve", "--config", self.config_file],
@@ -166,7 +167,9 @@ class Server:
     def wait_for_port(self):
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
-            found = re.findall(r"listening on 127\.0\.0\.1:(\d+)", self.log())
+            # Only this start's lines: after a restart the old port is in the log too.
+            found = re.findall(r"listening on 127\.0\.0\.1:(\d+)",
+                               self.log()[self.log_offset:])
             if found:
                 return int(found[-1])
             assert self.proc.poll() is None, self.log()
@@ -1677,6 +1680,7 @@ class NamespaceServer(Server):
         super().__init__(cluster, **overrides)
 
     def start(self, env=None):
+        self.log_offset = os.path.getsize(self.log_file) if os.path.exists(self.log_file) else 0
         self.log_handle = open(self.log_file, "a")
         env = dict(os.environ, **(env or {}), **({"PATH": self.path} if self.path else {}))
         self.proc = subprocess.Popen(
