@@ -115,6 +115,7 @@ SUBPROCESS_TIMEOUT = 30        # short helper commands (systemctl show)
 STATUS_COMMAND_TIMEOUT = 5     # a service's own status command
 KEY_FLUSH_SECONDS = 60         # last_used_at is written back this often
 ACCESS_LOG_FLUSH_SECONDS = 0.02  # access lines reach the log within this
+ACCESS_LOG_MAX_QUEUE = 1000    # past this many waiting lines, requests write their own
 LOG_TAIL_LINES = 40            # lines of tool output kept in a job
 
 KEY_PREFIX = "pgl_"
@@ -5002,6 +5003,8 @@ class AccessLog:
 
     def write(self, fmt, *args):
         self._queue.append((fmt, args))
+        if len(self._queue) > ACCESS_LOG_MAX_QUEUE:
+            self.flush()  # the writer is falling behind: help it, bounding memory
 
     def _run(self):
         while True:
