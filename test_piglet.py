@@ -3314,6 +3314,8 @@ def test_restore_point_in_time_exact_rows_then_safety_backup_brings_rest_back(
     assert query(cluster, "SELECT pg_is_in_recovery()") == [(False,)]
     query(cluster, "CREATE TABLE after_restore (x int)")
     assert server.request("GET", "status")[2]["status"] == "healthy"
+    status, _, data = server.request("POST", "databases", {"name": "after_pitr"})
+    assert status == 201, data  # writable through Piglet too, not read-only
     safety = result["safety_backup"]
     assert safety in [b["id"] for b in listed(server)["backups"]]
     run_job(server, "POST", f"backups/{safety}/restore", {})
