@@ -1643,7 +1643,9 @@ def drop_database(conn, name, oid, force):
                         "connections": other_sessions(conn, oid)}) from None
 
 
-# -- users ----------------------------------------------------------------------
+# ---------------------------------------------------------------------------
+# Users: login roles with SCRAM verifiers computed here
+# ---------------------------------------------------------------------------
 
 USER_SQL = """
 SELECT r.oid, r.rolname AS username, r.rolsuper AS superuser,
@@ -2573,7 +2575,9 @@ def physical_backup(app, job, backup_type):
     return label, created
 
 
-# -- restores --------------------------------------------------------------------
+# ---------------------------------------------------------------------------
+# Restores: physical and logical, never losing the present
+# ---------------------------------------------------------------------------
 
 def wait_writable(app, timeout):
     """Until pg_is_in_recovery() is false and a write commits; the timeline."""
@@ -4315,7 +4319,9 @@ def observe_request(app, handler, reply):
         app.audit.record_request(handler, reply)
 
 
-# -- Audit log ---------------------------------------------------------------
+# ---------------------------------------------------------------------------
+# Audit log, idempotent retries and TLS
+# ---------------------------------------------------------------------------
 
 
 def reversed_lines(path, block=65536):
