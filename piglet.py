@@ -2271,14 +2271,12 @@ def dependents_of(label, backups):
 def archiver_state(app):
     """pg_stat_archiver's row plus archive_mode, or None when PostgreSQL is down."""
     try:
-        with app.db.connect(timeout=3) as conn:
-            with conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
-                cur.execute("SELECT current_setting('archive_mode') AS mode, "
+        rows = app.db.query("SELECT current_setting('archive_mode') AS mode, "
                             "last_archived_wal, last_archived_time, last_failed_wal, "
                             "last_failed_time FROM pg_stat_archiver")
-                return cur.fetchone()
     except (ApiError, psycopg.Error):
         return None
+    return rows[0] if rows else None
 
 
 def archiver_healthy(state):
