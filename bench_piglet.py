@@ -39,6 +39,10 @@ Sections (all by default; --only picks some):
             Piglet backup, beside the same load idle; then pg_dump -Fc of
             the database.  The timed rounds run without the /status load,
             which on a small machine would take CPU from pgBackRest.
+    snapshots  ~1 GB in 10,000 files (--quick: a tenth of both): the first
+            snapshot, a second one after changing 1% of the files, a
+            restore of the unchanged workspace; wall time and disk added
+            for each.  Databases as logical dumps of a near-empty cluster.
 
 A section is a function `bench_<name>(env)` registered in SECTIONS; it
 prints its own table and returns a list of Target results.  The exit
@@ -56,6 +60,7 @@ import http.client
 import json
 import os
 import pwd
+import random
 import re
 import shutil
 import signal
@@ -567,7 +572,7 @@ class Env:
     """Lazily built shared pieces; every one registers its own cleanup."""
 
     def __init__(self, args):
-        if shutil.which("wrk") is None:
+        if "http" in args.only and shutil.which("wrk") is None:
             raise BenchError("wrk is not installed (apt-get install wrk)")
         self.args = args
         self.seconds = QUICK_POINT_SECONDS if args.quick else POINT_SECONDS
@@ -1047,9 +1052,152 @@ def pg_dump_once(cluster):
     return took, size
 
 
+# ---------------------------------------------------------------------------
+# Section snapshots: a workspace of ~1 GB in 10,000 files
+# ---------------------------------------------------------------------------
+
+SNAP_FILES = 10_000           # files in the workspace, in 100 directories
+SNAP_TOTAL_BYTES = 1 << 30    # their total size, sizes spread 1 byte .. 2x mean
+SNAP_CHANGED_SHARE = 0.01     # files rewritten before the second snapshot
+SNAP_CHANGED_BYTES = 4096     # bytes rewritten at the start of each of them
+SNAP_JOB_TIMEOUT = 1800       # seconds for one snapshot or restore job
+SNAP_POLL_SECONDS = 0.05
+
+TARGET_SNAP2_TIME = 0.15      # second snapshot's time vs the first's
+TARGET_SNAP2_DISK = 0.05      # second snapshot's disk added vs the first's
+TARGET_RESTORE_TIME = 0.25    # restore of an unchanged workspace vs first snapshot
+
+
 def tree_size(root):
     return sum(os.lstat(os.path.join(folder, name)).st_size
                for folder, _, names in os.walk(root) for name in names)
+
+
+def bench_snapshots(env):
+    # A fresh directory: on an ext4 without a journal, recreating many
+    # just-deleted inodes is slow and would be measured instead.
+    base = tempfile.mkdtemp(prefix="snapshots-", dir=env.workdir)
+    ws, store = os.path.join(base, "ws"), os.path.join(base, "store")
+    scale = 10 if env.args.quick else 1
+    files, size = make_snapshot_workspace(ws, SNAP_FILES // scale,
+                                          SNAP_TOTAL_BYTES // scale)
+    piglet = snapshot_piglet(env, base, ws, store)
+    os.sync()  # the workspace's own write-back is not the snapshot's cost
+    rows = []
+    first = timed_job(piglet, "/api/v1/snapshots", {"name": "first"})
+    rows.append(("first snapshot", first, disk_used(store)))
+    changed = change_some_files(files)
+    os.sync()
+    second = timed_job(piglet, "/api/v1/snapshots", {"name": "second"})
+    rows.append((f"second, after changing {changed} files", second,
+                 disk_used(store) - rows[0][2]))
+    restore = timed_job(piglet, "/api/v1/snapshots/second/restore", None)
+    rows.append(("restore of the unchanged workspace", restore,
+                 disk_used(store) - rows[0][2] - rows[1][2]))
+    print_snapshot_table(len(files), size, rows)
+    return snapshot_targets(rows)
+
+
+def make_snapshot_workspace(ws, count, total_bytes):
+    """`count` random files of about `total_bytes` in all: (paths, bytes)."""
+    rng = random.Random(42)
+    mean = total_bytes // count
+    paths, total = [], 0
+    for index in range(count):
+        directory = os.path.join(ws, f"d{index % 100:02d}")
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, f"f{index:05d}.bin")
+        size = rng.randint(1, 2 * mean)
+        with open(path, "wb") as handle:
+            handle.write(rng.randbytes(size))
+        paths.append(path)
+        total += size
+    return paths, total
+
+
+def change_some_files(paths):
+    rng = random.Random(7)
+    chosen = rng.sample(paths, int(len(paths) * SNAP_CHANGED_SHARE))
+    for path in chosen:
+        with open(path, "r+b") as handle:
+            handle.write(rng.randbytes(SNAP_CHANGED_BYTES))
+    return len(chosen)
+
+
+def snapshot_piglet(env, base, ws, store):
+    piglet = Piglet(env.cluster(), os.path.join(base, "piglet"))
+    os.makedirs(piglet.dir)
+    piglet.config["snapshots"] = {"dir": store, "paths": [ws], "stop_services": []}
+    piglet.config["pgbackrest"] = {"enabled": False}
+    env.stack.callback(piglet.stop)
+    piglet.start()
+    return piglet
+
+
+def timed_job(piglet, path, body):
+    """Seconds from the POST to the job's end, polling its status."""
+    started = time.monotonic()
+    status, reply = api_call(piglet, "POST", path, body)
+    if status != 202:
+        raise BenchError(f"POST {path}: {status} {reply}")
+    job_path = f"/api/v1/jobs/{reply['job']['id']}"
+    while time.monotonic() - started < SNAP_JOB_TIMEOUT:
+        status, reply = api_call(piglet, "GET", job_path, None)
+        state = reply["job"]["state"]
+        if state == "succeeded":
+            return time.monotonic() - started
+        if state == "failed":
+            raise BenchError(f"job {job_path} failed: {reply['job']['error']}")
+        time.sleep(SNAP_POLL_SECONDS)
+    raise BenchError(f"job {job_path} still running after {SNAP_JOB_TIMEOUT} s")
+
+
+def api_call(piglet, method, path, body):
+    headers = dict(piglet.headers())
+    payload = None
+    if body is not None:
+        payload = json.dumps(body).encode()
+        headers["Content-Type"] = "application/json"
+    conn = http.client.HTTPConnection("127.0.0.1", piglet.port, timeout=30)
+    try:
+        conn.request(method, path, body=payload, headers=headers)
+        response = conn.getresponse()
+        return response.status, json.loads(response.read() or b"null")
+    finally:
+        conn.close()
+
+
+def disk_used(root):
+    """Bytes of disk under root, each inode once however many links it has."""
+    seen, total = set(), 0
+    for directory, dirnames, filenames in os.walk(root):
+        for name in [*dirnames, *filenames, ""]:
+            st = os.lstat(os.path.join(directory, name) if name else directory)
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                total += st.st_blocks * 512
+    return total
+
+
+def print_snapshot_table(count, size, rows):
+    print(f"\nSnapshots: a workspace of {count:,} files, {mb(size)}; "
+          "logical dump of a near-empty cluster")
+    print(f"  {'step':<42} {'time':>9} {'disk added':>12}")
+    for label, seconds, disk in rows:
+        print(f"  {label:<42} {seconds:>7.2f} s {mb(disk):>12}")
+
+
+def snapshot_targets(rows):
+    (_, t1, d1), (_, t2, d2), (_, t3, _) = rows
+    return [
+        Target(f"second snapshot < {TARGET_SNAP2_TIME:.0%} of the first's time",
+               t2 < TARGET_SNAP2_TIME * t1, f"{t2 / t1:.1%} ({t2:.2f} s / {t1:.2f} s)"),
+        Target(f"second snapshot adds < {TARGET_SNAP2_DISK:.0%} of the first's disk",
+               d2 < TARGET_SNAP2_DISK * d1, f"{d2 / d1:.2%} ({mb(d2)} / {mb(d1)})"),
+        Target(f"restore of an unchanged workspace < {TARGET_RESTORE_TIME:.0%} "
+               "of the first snapshot's time",
+               t3 < TARGET_RESTORE_TIME * t1, f"{t3 / t1:.1%} ({t3:.2f} s)"),
+    ]
 
 
 # ---------------------------------------------------------------------------
@@ -1057,14 +1205,14 @@ def tree_size(root):
 # ---------------------------------------------------------------------------
 
 SECTIONS = {"http": bench_http, "databases": bench_databases,
-            "backups": bench_backups}
+            "backups": bench_backups, "snapshots": bench_snapshots}
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true",
                         help=f"{QUICK_POINT_SECONDS} s per point instead of "
-                        f"{POINT_SECONDS} s")
+                        f"{POINT_SECONDS} s; a tenth of the snapshot workspace")
     parser.add_argument("--databases", type=positive, default=DATABASES, metavar="N",
                         help=f"databases for section databases (default {DATABASES})")
     parser.add_argument("--scale", type=positive, default=PGBENCH_SCALE, metavar="N",

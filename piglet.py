@@ -47,6 +47,16 @@ Known limitations:
   GRANT ... ON DATABASE); roles are dumped (roles.sql) but never applied.
 - A restore interrupted by a crash of Piglet leaves PostgreSQL as it was at
   that moment; the job reads INTERRUPTED and names nothing more.
+- A snapshot takes the files first, then the databases: the two are a few
+  moments apart, not one instant.  If a snapshot restore fails at the
+  database step, the files are already back; the job names the
+  pre-restore snapshot that holds the present.
+- With pgBackRest, a snapshot is a restore point: it stays restorable only
+  while the repository keeps a backup before it and the WAL up to it.
+  pgBackRest's retention may expire them; the restore then answers 409,
+  and GET /snapshots does not flag such snapshots beforehand.  Restoring
+  one takes an incremental safety backup besides the pre-restore snapshot,
+  so that a failed restore can roll PostgreSQL back.
 """
 
 import argparse
@@ -2635,11 +2645,15 @@ def start_postgres(app, job):
     return wait_writable(app, RECOVERY_WAIT_SECONDS)
 
 
-def pgbackrest_restore(app, job, label, target=None):
+def pgbackrest_restore(app, job, label, target=None, target_args=None):
+    """target: a time (epoch) or None for the backup's end; target_args, when
+    given, are pgbackrest's own target options instead (e.g. --type=name)."""
     pgbr = PgBackRest(app)
     options = ["--delta", f"--set={label}", "--target-action=promote",
                "--log-level-console=info"]
-    if target is None:
+    if target_args:
+        options += target_args
+    elif target is None:
         options.append("--type=immediate")   # the end of that backup, no more WAL
     else:
         options += ["--type=time", f"--target={pgbackrest_time(target)}"]
@@ -2652,7 +2666,7 @@ def pgbackrest_restore(app, job, label, target=None):
                         {"exit_code": code, "data_untouched": untouched})
 
 
-def physical_restore(app, job, label, target, safety):
+def physical_restore(app, job, label, target, safety, target_args=None):
     """The restore job: safety backup, stop, restore, start, verify; else roll back."""
     safety_label = None
     if safety:
@@ -2663,7 +2677,7 @@ def physical_restore(app, job, label, target, safety):
     try:
         postgres_act(app, job, "stop")
         stage = "restore"
-        pgbackrest_restore(app, job, label, target)
+        pgbackrest_restore(app, job, label, target, target_args)
         stage = "start"
         timeline = start_postgres(app, job)
     except Exception as exc:  # noqa: BLE001 - every failure must bring PostgreSQL back
@@ -2878,8 +2892,8 @@ def submit_dump(app, req, names, with_roles):
     def work(job):
         manifest = dump_databases(app, job, names, with_roles)
         return {"backup": manifest["id"], "databases": names, "roles": with_roles}
-    return job_accepted(app.jobs.submit("logical-backup", req.body, work,
-                                        exclusive=False, conflicts=("restore",)))
+    return job_accepted(app.jobs.submit("logical-backup", req.body, work, exclusive=False,
+                                        conflicts=("restore", "snapshot-restore")))
 
 
 def restore_backup(app, req):
@@ -3001,7 +3015,9 @@ BACKUP_ROUTES = [
 #   <name>/manifest.json   every entry of every workspace tree (type, mode,
 #                          owner, size, mtime, symlink target)
 #   <name>/files/<i>/...   the regular files of workspace tree i, read-only
-#   <name>/db/...          the databases (logical: roles.sql and one dump each)
+#   <name>/db/...          logical mode: roles.sql and one dump per database
+# With pgBackRest, the databases are a restore point in its archive instead
+# (snapshot.json names it, with its LSN and timeline); without, logical dumps.
 # It is written under a dot name and renamed into place when complete, so a
 # failed snapshot leaves nothing listed.  An unchanged file is a hard link to
 # the previous snapshot's copy, never to the live file: stored files are
@@ -3085,7 +3101,7 @@ def all_summaries(app):
 
 def public_snapshot(summary):
     db = summary["database"]
-    database = {k: v for k, v in db.items() if k not in ("roles", "dumps")}
+    database = {k: v for k, v in db.items() if k not in ("roles", "dumps", "history")}
     if "dumps" in db:
         database["databases"] = [d["name"] for d in db["dumps"]]
     return {"name": summary["name"], "description": summary["description"],
@@ -3706,6 +3722,127 @@ def without_create_role(script, kept):
     return b"\n".join(lines)
 
 
+# -- databases: pgBackRest restore points -------------------------------------
+#
+# With pgBackRest, a snapshot is a named restore point in the archived WAL.
+# Its name gets a random suffix: recovery stops at the first restore point
+# of that name it meets, and a deleted snapshot's name may be used again.
+# The point's timeline history is kept with it: after a restore, the archive
+# holds diverging timelines, and only a backup on the point's own line of
+# history (its timeline, or an ancestor before the branch) can replay to it.
+
+
+def lsn_int(text):
+    high, low = text.split("/")
+    return (int(high, 16) << 32) | int(low, 16)
+
+
+def snapshot_pgbackrest(app):
+    """The PgBackRest to snapshot with, or None for logical dumps; 503 when
+    pgBackRest is enabled and installed but archiving is off."""
+    pgbr = PgBackRest(app)
+    if pgbr.configured():
+        return None
+    state = archiver_state(app)
+    if state is not None and state["mode"] == "off":
+        raise Unavailable("pgBackRest is enabled but archive_mode is off, so no restore "
+                          "point can be archived; turn archiving on, or set "
+                          "pgbackrest.enabled false to snapshot by logical dumps",
+                          "pgbackrest")
+    return pgbr
+
+
+def timeline_history(conn, timeline):
+    """[[timeline, "its end LSN"], ...] of the ancestors of `timeline`, or None
+    when its history file is not in pg_wal."""
+    if timeline == 1:
+        return []
+    try:
+        text = conn.execute("SELECT pg_read_file(%s)",
+                            (f"pg_wal/{timeline:08X}.history",)).fetchone()[0]
+    except psycopg.errors.UndefinedFile:
+        return None
+    found = re.findall(r"^\s*(\d+)\s+([0-9A-Fa-f]+/[0-9A-Fa-f]+)", text, re.MULTILINE)
+    return [[int(tli), lsn] for tli, lsn in found]
+
+
+def wal_position(conn):
+    """{"lsn", "timeline", "history"} of the server's WAL insert position now."""
+    lsn, walfile = conn.execute("SELECT lsn, pg_walfile_name(lsn) FROM "
+                                "pg_current_wal_insert_lsn() AS lsn").fetchone()
+    timeline = int(walfile[:8], 16)
+    return {"lsn": str(lsn), "timeline": timeline,
+            "history": timeline_history(conn, timeline)}
+
+
+def backup_reaches(backup, point):
+    """Whether recovery from `backup` can replay to `point`: it stopped before
+    the point on the point's timeline, or on an ancestor before the branch."""
+    if backup.get("error") or not backup.get("lsn") or not backup.get("archive"):
+        return False
+    timeline = int(backup["archive"]["start"][:8], 16)
+    stop = lsn_int(backup["lsn"]["stop"])
+    if timeline == point["timeline"]:
+        return stop < lsn_int(point["lsn"])
+    ends = {tli: lsn_int(lsn) for tli, lsn in point["history"] or ()}
+    return timeline in ends and stop <= ends[timeline]
+
+
+def backup_for_point(backups, point):
+    """The newest backup that reaches `point`, or None."""
+    usable = [b for b in backups if backup_reaches(b, point)]
+    return max(usable, key=lambda b: lsn_int(b["lsn"]["stop"]), default=None)
+
+
+def create_restore_point(app, job, pgbr, name):
+    """A full backup if none reaches the present, then the restore point,
+    archived; returns the snapshot's database record."""
+    ensure_stanza(app, job, pgbr)
+    with app.db.connect() as conn:
+        present = wal_position(conn)
+    taken = None
+    if backup_for_point(pgbr.backups(), present) is None:
+        job.log("piglet: no backup precedes this snapshot; taking a full backup first")
+        taken, _ = physical_backup(app, job, "full")
+    point_name = f"{name[:50]}-{secrets.token_hex(6)}"   # at most 63 bytes
+    with app.db.connect() as conn:
+        lsn = conn.execute("SELECT pg_create_restore_point(%s)", (point_name,)).fetchone()[0]
+        point = dict(wal_position(conn), lsn=str(lsn))
+    job.log(f"piglet: restore point {point_name!r} at {lsn} on timeline "
+            f"{point['timeline']}")
+    segment = seal_archive(app)
+    if segment is None:
+        raise Unavailable(f"The WAL holding restore point {point_name!r} was not archived "
+                          f"within {ARCHIVE_WAIT_SECONDS} s; see pg_stat_archiver",
+                          "pgbackrest", {"restore_point": point_name})
+    return dict(point, method="pgbackrest", stanza=pgbr.stanza, restore_point=point_name,
+                wal=segment, backup_taken=taken, size=human_size(0), size_bytes=0)
+
+
+def restore_backup_for(app, name, point):
+    """The label of the backup to restore snapshot `name` from; 409 if none."""
+    pgbr = PgBackRest(app)
+    pgbr.require()
+    backup = backup_for_point(pgbr.backups(), point)
+    if backup is None:
+        raise Conflict("No pgBackRest backup reaches this snapshot's restore point "
+                       "(expired?)", {"snapshot": name, "restore_point": point["restore_point"],
+                                      "lsn": point["lsn"]})
+    return backup["label"]
+
+
+def restore_to_point(app, job, label, point):
+    """The backup section's physical restore, aimed at the restore point."""
+    job.log(f"piglet: restoring backup {label} up to restore point "
+            f"{point['restore_point']!r}")
+    args = ["--type=name", f"--target={point['restore_point']}",
+            f"--target-timeline={point['timeline']}"]
+    result = physical_restore(app, job, label, None, True, target_args=args)
+    del result["target_time"]
+    return dict(result, databases="all", restore_point=point["restore_point"],
+                lsn=point["lsn"])
+
+
 # -- creating a snapshot ------------------------------------------------------
 
 
@@ -3745,7 +3882,9 @@ def build_snapshot(app, job, name, description, paths, missing_ok=False):
     os.mkdir(tmp, 0o700)
     try:
         trees, added = snapshot_files(app, job, tmp, paths, missing_ok)
-        database = dump_cluster_into(app, job, os.path.join(tmp, "db"))
+        pgbr = snapshot_pgbackrest(app)
+        database = (create_restore_point(app, job, pgbr, name) if pgbr
+                    else dump_cluster_into(app, job, os.path.join(tmp, "db")))
         summary = snapshot_summary(name, description, created, trees, database, added)
         write_json(os.path.join(tmp, "manifest.json"), {"trees": trees})
         write_json(os.path.join(tmp, "snapshot.json"), summary)
@@ -3871,7 +4010,11 @@ def restore_work(app, job, name):
 
 
 def restore_steps(app, job, name, path, summary, paths):
-    check_dumps(app, job, os.path.join(path, "db"), summary["database"])
+    point = summary["database"]
+    if point["method"] == "pgbackrest":
+        label = restore_backup_for(app, name, point)
+    else:
+        check_dumps(app, job, os.path.join(path, "db"), point)
     pre_name = pre_restore_name(app)
     build_snapshot(app, job, pre_name, f"Taken before restoring {name}", paths,
                    missing_ok=True)
@@ -3880,16 +4023,18 @@ def restore_steps(app, job, name, path, summary, paths):
         files = restore_files(app, job, path, snapshot_path(app, pre_name))
         write_json(os.path.join(snapshots_root(app), WORKSPACE_STATE), {"restored": name})
         job.set_progress(70)
-        databases = restore_databases(app, job, os.path.join(path, "db"),
-                                      summary["database"])
+        if point["method"] == "pgbackrest":
+            database = restore_to_point(app, job, label, point)
+        else:
+            database = {"databases": restore_databases(app, job, os.path.join(path, "db"),
+                                                       point)}
     except ApiError as exc:
         exc.details["pre_restore"] = pre_name
         raise
     except (OSError, psycopg.Error) as exc:
         raise ApiError(f"Restore failed: {first_line(exc)}",
                        {"pre_restore": pre_name}) from None
-    return {"snapshot": name, "pre_restore": pre_name, "files": files,
-            "databases": databases}
+    return dict(database, snapshot=name, pre_restore=pre_name, files=files)
 
 
 # -- handlers -----------------------------------------------------------------
@@ -3907,7 +4052,8 @@ def get_snapshot(app, req):
 
 def create_snapshot(app, req):
     """202 job; 400 invalid name or description; 409 name taken or another
-    cluster-wide job running; 503 PostgreSQL down or workspace paths unusable."""
+    cluster-wide job running; 503 PostgreSQL down, workspace paths unusable,
+    or pgBackRest enabled with archiving off."""
     name, description = req.body["name"], req.body.get("description")
     check_snapshot_name(name)
     if description is not None and (len(description) > DESCRIPTION_MAX_CHARS
@@ -3917,6 +4063,7 @@ def create_snapshot(app, req):
     if os.path.lexists(os.path.join(snapshots_root(app), name)):
         raise Conflict("Snapshot already exists", {"snapshot": name})
     require_postgres(app)
+    snapshot_pgbackrest(app)
     paths = workspace_paths(app)
     for path in paths:
         check_workspace_dir(path)
@@ -3928,14 +4075,20 @@ def create_snapshot(app, req):
 
 def restore_snapshot(app, req):
     """202 job; 400 invalid name; 404 no such snapshot; 409 another cluster-wide
-    job running; 503 PostgreSQL down or snapshots misconfigured."""
+    job running, or no pgBackRest backup reaches the snapshot's restore point;
+    503 PostgreSQL down, snapshots misconfigured, or the snapshot is a restore
+    point and pgBackRest is not configured."""
     name = req.params["name"]
     summary = load_summary(app, name)
     require_postgres(app)
     workspace_paths(app, [t["path"] for t in summary["trees"]])
     check_stop_services(app)
+    if summary["database"]["method"] == "pgbackrest":
+        restore_backup_for(app, name, summary["database"])
+    snapshot_pgbackrest(app)   # the pre-restore snapshot's way
     job = app.jobs.submit("snapshot-restore", {"name": name},
-                          lambda job: restore_work(app, job, name))
+                          lambda job: restore_work(app, job, name),
+                          conflicts=("logical-backup",))
     return job_accepted(job)
 
 

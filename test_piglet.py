@@ -3472,3 +3472,94 @@ def process_gone(pid):
             return handle.read().rsplit(")", 1)[1].split()[0] == "Z"
     except FileNotFoundError:
         return True
+
+
+# ---------------------------------------------------------------------------
+# Snapshots with pgBackRest: restore points (the backup fixtures above)
+# ---------------------------------------------------------------------------
+
+
+def pgbackrest_snap(cluster, make_server, base):
+    return SnapEnv(cluster, make_server, base, pgbackrest={
+        "stanza": STANZA, "config": cluster.pgbr_conf, "enabled": True})
+
+
+def restore_points(cluster, since):
+    """Names of the restore points in pg_wal from LSN `since` on."""
+    result = subprocess.run([f"{PG_BIN}/pg_waldump", "-p",
+                             os.path.join(cluster.data, "pg_wal"), "-s", since,
+                             "-r", "XLOG"], capture_output=True, text=True, timeout=60)
+    return re.findall(r"desc: RESTORE_POINT (\S+)", result.stdout)
+
+
+def test_snapshot_pgbackrest_restore_point_rows_and_files_back_pre_restore_undoes_it(
+        make_backup_cluster, make_server, tmp_path):
+    cluster = make_backup_cluster()
+    snap = pgbackrest_snap(cluster, make_server, tmp_path)
+    query(cluster, "CREATE DATABASE snapdb")
+    query(cluster, "CREATE TABLE t (v text); INSERT INTO t VALUES ('a1'), ('a2')", "snapdb")
+    make_workspace(snap.ws)
+    at_s1 = tree_state(snap.ws)
+    s1 = snap.snapshot("s1")["result"]
+    database = s1["database"]
+    assert database["method"] == "pgbackrest" and database["timeline"] == 1
+    assert re.fullmatch(r"s1-[0-9a-f]{12}", database["restore_point"])
+    assert re.fullmatch(r"[0-9A-F]+/[0-9A-F]+", database["lsn"])
+    # No backup preceded it: a full one was taken first.
+    assert [b["id"] for b in listed(snap.server)["backups"]] == [database["backup_taken"]]
+    edit_workspace_and_data(snap.ws, cluster)
+    edited = tree_state(snap.ws)
+
+    result = snap.restore("s1")["result"]
+    assert tree_state(snap.ws) == at_s1
+    assert rows(cluster) == ["a1", "a2"]
+    assert not object_exists(cluster, "pg_database", "datname", "laterdb")
+    assert not object_exists(cluster, "pg_roles", "rolname", "laterrole")
+    assert result["backup"] == database["backup_taken"] and result["timeline"] == 2
+    assert result["restore_point"] == database["restore_point"]
+    assert result["postgres"] == "running" and result["safety_backup"]
+    pre = snap.server.request("GET", f"snapshots/{result['pre_restore']}")[2]
+    assert pre["database"]["backup_taken"] is None and pre["database"]["timeline"] == 1
+
+    # The pre-restore point lies on timeline 1, past where timeline 2 branched.
+    again = snap.restore(result["pre_restore"])["result"]
+    assert tree_state(snap.ws) == edited
+    assert rows(cluster) == ["a1", "a2", "b1", "b2"]
+    assert object_exists(cluster, "pg_roles", "rolname", "laterrole")
+    assert again["backup"] == database["backup_taken"] and again["timeline"] == 3
+    query(cluster, "INSERT INTO t VALUES ('c1')", "snapdb")
+
+
+def test_snapshot_pgbackrest_bad_names_400_no_restore_point_or_backup(
+        make_backup_cluster, make_server, tmp_path):
+    cluster = make_backup_cluster(stanza_create=False)
+    snap = pgbackrest_snap(cluster, make_server, tmp_path)
+    start = query(cluster, "SELECT pg_current_wal_insert_lsn()::text")[0][0]
+    for name in ["../etc", "", "a" * 64, "\u20ac" * 22, "-x", "a\n"]:
+        status, _, data = snap.server.request("POST", "snapshots", {"name": name})
+        assert_error(status, data, 400, "BAD_REQUEST")
+        assert data["error"]["details"]["field"] == "name"
+    assert snap.server.request("GET", "jobs")[2] == {"jobs": []}
+    assert not os.path.exists(snap.store) or os.listdir(snap.store) == []
+    assert restore_points(cluster, start) == []
+    assert os.listdir(cluster.pgbr_dirs["repo"]) == []
+    # The same check sees a point that was made: the first good name.
+    point = snap.snapshot("good")["result"]["database"]["restore_point"]
+    assert restore_points(cluster, start) == [point]
+
+
+def test_snapshot_restore_point_backup_choice_follows_timeline_history():
+    def backup(label, timeline, stop, error=False):
+        return {"label": label, "error": error, "lsn": {"start": "0/1", "stop": stop},
+                "archive": {"start": f"{timeline:08X}0000000000000001"}}
+    backups = [backup("full1", 1, "0/3000100"), backup("safety1", 1, "0/8000100"),
+               backup("onTL2", 2, "0/9000100"), backup("bad", 1, "0/4000000", True)]
+    # Timeline 3 branched from timeline 1 at 0/7000000.
+    point = {"timeline": 3, "lsn": "0/A000000", "history": [[1, "0/7000000"]]}
+    assert piglet.backup_for_point(backups, point)["label"] == "full1"
+    point = {"timeline": 1, "lsn": "0/9000000", "history": []}
+    assert piglet.backup_for_point(backups, point)["label"] == "safety1"
+    point = {"timeline": 1, "lsn": "0/3000000", "history": []}
+    assert piglet.backup_for_point(backups, point) is None
+    point = {"timeline": 2, "lsn": "0/9000200", "history": None}
+    assert piglet.backup_for_point(backups, point)["label"] == "onTL2"
