@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # install.sh: install or update Piglet on Debian or Ubuntu.
 #
-#   sudo ./install.sh
+#   ./install.sh        (as root)
 #
 # Idempotent: run it again after every update; what already works is left
 # alone. What it does, in order:
@@ -47,7 +47,7 @@ log() { printf '==> %s\n' "$*"; }
 warn() { printf 'WARNING: %s\n' "$*" >&2; }
 die() { printf 'ERROR: %s\n' "$*" >&2; exit 1; }
 
-[ "$(id -u)" -eq 0 ] || die "run as root: sudo $0"
+[ "$(id -u)" -eq 0 ] || die "run as root"
 [ -f "$SRC_DIR/piglet.py" ] || die "piglet.py not found next to install.sh ($SRC_DIR)"
 [ -f "$SRC_DIR/piglet.service" ] || die "piglet.service not found next to install.sh ($SRC_DIR)"
 command -v apt-get >/dev/null || die "this installer supports Debian and Ubuntu (apt-get) only"
@@ -419,7 +419,7 @@ else
   else
     log "Piglet already running (pid $pid)"
   fi
-  STOP_HINT="kill \$(cat $PIDFILE)   (log: $LOGFILE; start again: sudo ./install.sh)"
+  STOP_HINT="kill \$(cat $PIDFILE)   (log: $LOGFILE; start again: ./install.sh, as root)"
 fi
 
 # ---------------------------------------------------------------- wait
@@ -453,5 +453,5 @@ if [ -n "$KEY" ]; then
   trap - EXIT
 else
   echo "Existing keys kept ($KEYS_FILE). Another key:"
-  echo "  sudo $PY $PIGLET key create --name NAME --scope admin --config $CONF"
+  echo "  $PY $PIGLET key create --name NAME --scope admin --config $CONF"
 fi

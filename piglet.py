@@ -261,11 +261,11 @@ def atomic_write_json(path, obj, mode=0o600):
     atomic_write(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode(), mode)
 
 
-def check_object_name(name, what):
+def check_object_name(name, what, field="name"):
     """Names that become file or key names: 1-63 of [A-Za-z0-9._-]."""
     if not isinstance(name, str) or not OBJECT_NAME_RE.fullmatch(name):
         raise BadRequest(f"Invalid {what} name: 1 to 63 characters of A-Z a-z 0-9 . _ -, "
-                         "starting with a letter or digit", {"field": what, "value": name})
+                         "starting with a letter or digit", {"field": field, "value": name})
 
 
 def redact_dsn(dsn):
@@ -1040,6 +1040,9 @@ class Services:
 
     @staticmethod
     def _act_command(name, entry, action):
+        current = command_service_object(name, entry)["status"]
+        if (action, current) in (("start", "running"), ("stop", "stopped")):
+            return  # already there: a no-op, as systemctl makes it for units
         steps = ["stop", "start"] if action == "restart" else [action]
         for step in steps:
             try:
@@ -1857,17 +1860,18 @@ def remove_new_role(conn, name, databases):
 
 
 def update_user(app, req):
-    """200 with the user; 400 invalid field; 403 the role Piglet connects as;
-    404 unknown user or listed database.  `databases` replaces the granted set;
-    databases the user owns stay listed."""
+    """200 with the user; 400 invalid field; 403 a superuser or the role Piglet
+    connects as; 404 unknown user or listed database.  `databases` replaces
+    the granted set; databases the user owns stay listed."""
     name = check_pg_name(req.params["username"], "username")
     body = req.body
     options = role_options(body)
     with app.db.connection() as conn:
         row = existing_user(conn, name)
-        if name == conn.info.user:
-            raise Forbidden("Piglet's own role is not changed through the API",
-                            {"username": name})
+        # An admin key must not be a way to take over or lock out `postgres`.
+        if name == conn.info.user or row["superuser"]:
+            raise Forbidden(f"Role {name!r} is protected: it is a superuser or Piglet's own "
+                            "role", {"username": name})
         add, remove = database_changes(conn, row["oid"], body)
         statements = database_grant(name, add) + database_grant(name, remove, grant=False)
         if options:
@@ -4913,7 +4917,8 @@ def list_keys(app, req):
 
 def create_key(app, req):
     """201 with the secret, shown this once; 400 bad name or scope; 409 name taken."""
-    secret, record = app.keys.create(req.body["name"], req.body.get("scope", "admin"))
+    # Least privilege over the network: a key is `read` unless asked otherwise.
+    secret, record = app.keys.create(req.body["name"], req.body.get("scope", "read"))
     return Reply(HTTPStatus.CREATED, dict(record, key=secret),
                  {"Location": f"{API_PREFIX}/keys/{record['name']}"})
 

@@ -10,6 +10,7 @@ default /var/cache/piglet-test-tools; they skip only when PyPI is
 unreachable and CI is unset.
 """
 
+import atexit
 import contextlib
 import fcntl
 import glob
@@ -576,6 +577,13 @@ def test_cli_duplicate_key_name_fails_cleanly(server):
     assert "exists" in result.stderr and result.stdout == ""
 
 
+def test_api_key_scope_defaults_to_read(server):
+    status, _, data = server.request("POST", "keys", {"name": "default-scope"})
+    assert status == 201 and data["scope"] == "read"
+    status, _, data = server.request("POST", "keys", {"name": "nope"}, key=data["key"])
+    assert_error(status, data, 403, "FORBIDDEN")
+
+
 def test_api_key_lifecycle(server):
     status, headers, data = server.request("POST", "keys", {"name": "ops", "scope": "admin"})
     assert status == 201
@@ -893,6 +901,8 @@ def test_unknown_service_404_and_bad_action_400(server):
 def test_service_stop_start_through_commands(fresh_cluster, make_server):
     server = make_server(fresh_cluster)
     status, _, data = server.request("POST", "services/postgres/stop")
+    assert status == 200 and data["status"] == "stopped"
+    status, _, data = server.request("POST", "services/postgres/stop")  # already stopped
     assert status == 200 and data["status"] == "stopped"
     with pytest.raises(psycopg.OperationalError):
         fresh_cluster.connect(connect_timeout=2)
@@ -1392,6 +1402,11 @@ def test_user_delete_protected_403(server, cluster):
         status, _, data = server.request("DELETE", "users/other_super")
         assert_error(status, data, 403, "FORBIDDEN")
         assert role_exists(cluster, "other_super")
+        for change in ({"password": "take-over-123"}, {"connection_limit": 0}):
+            status, _, data = server.request("PATCH", "users/other_super", change)
+            assert_error(status, data, 403, "FORBIDDEN")
+        assert sql_exec(cluster, "SELECT rolpassword IS NULL, rolconnlimit FROM pg_authid "
+                        "WHERE rolname = 'other_super'") == [(True, -1)]
     finally:
         sql_exec(cluster, "DROP ROLE other_super")
 
@@ -1518,6 +1533,25 @@ for unit in "$@"; do ln -s /dev/null "/run/systemd/system/$unit"; done
 export container=other
 exec %s --system --unit=basic.target
 """ % SYSTEMD_BIN
+
+
+_namespace_sources = []
+
+
+def namespace_source(name):
+    """A copy of one of the project's files that the booted systemd can see.
+
+    The namespace mounts its own /tmp, /var/tmp and /run, which would hide a
+    checkout under any of them; a copy in SHARED_TEMP is seen on both sides.
+    """
+    if not _namespace_sources:
+        copy_dir = tempfile.mkdtemp(prefix="piglet-src-", dir=SHARED_TEMP)
+        for file_name in ("piglet.py", "install.sh", "piglet.service"):
+            shutil.copy2(os.path.join(HERE, file_name), copy_dir)
+        os.chmod(copy_dir, 0o755)
+        atexit.register(shutil.rmtree, copy_dir, True)
+        _namespace_sources.append(copy_dir)
+    return os.path.join(_namespace_sources[0], name)
 
 
 def wait_until(check, timeout, what):
@@ -1684,8 +1718,8 @@ class NamespaceServer(Server):
         self.log_handle = open(self.log_file, "a")
         env = dict(os.environ, **(env or {}), **({"PATH": self.path} if self.path else {}))
         self.proc = subprocess.Popen(
-            self.systemd.command(sys.executable, PIGLET, "serve", "--config",
-                                 self.config_file),
+            self.systemd.command(sys.executable, namespace_source("piglet.py"), "serve",
+                                 "--config", self.config_file),
             stdout=self.log_handle, stderr=subprocess.STDOUT, env=env)
         self.port = self.wait_for_port()
 
@@ -1963,7 +1997,7 @@ def run_install_sh(systemd):
     """install.sh as a user runs it (sudo's PATH, no PIGLET_* overrides);
     the admin key it printed."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIGLET_")}
-    result = systemd.run("/bin/bash", os.path.join(HERE, "install.sh"), timeout=600,
+    result = systemd.run("/bin/bash", namespace_source("install.sh"), timeout=600,
                          check=False, env=dict(env, PATH=SYSTEM_PATH))
     assert result.returncode == 0, result.stdout + result.stderr
     found = re.search(r"Admin API key \(shown only now[^\n]*\n\s+(\S+)", result.stdout)
@@ -2342,7 +2376,7 @@ def audit_entries(server, query="limit=1000"):
 
 
 def test_audit_mutation_by_named_key_one_line_no_secret(server):
-    status, _, made = server.request("POST", "keys", {"name": "audit-ops"})
+    status, _, made = server.request("POST", "keys", {"name": "audit-ops", "scope": "admin"})
     assert status == 201
     status, headers, data = server.request("POST", "keys", {"name": "made-by-ops"},
                                            key=made["key"])
@@ -2416,7 +2450,7 @@ def test_audit_job_end_line_for_interrupted_job(cluster, make_server):
 def test_audit_database_and_user_lines_without_password(server):
     requires_route("POST", "/databases")
     requires_route("POST", "/users")
-    status, _, made = server.request("POST", "keys", {"name": "ops"})
+    status, _, made = server.request("POST", "keys", {"name": "ops", "scope": "admin"})
     assert status == 201, made
     status, db_headers, data = server.request("POST", "databases", {"name": "audit_db"},
                                               key=made["key"])
@@ -2483,7 +2517,7 @@ def test_idempotent_post_replayed_secret_withheld_other_body_409(server):
 
 
 def test_idempotency_keys_are_per_api_key(server):
-    other = server.request("POST", "keys", {"name": "idem-other"})[2]["key"]
+    other = server.request("POST", "keys", {"name": "idem-other", "scope": "admin"})[2]["key"]
     headers = {"Idempotency-Key": "shared-name"}
     assert server.request("POST", "keys", {"name": "idem-a"}, headers=headers)[0] == 201
     status, _, data = server.request("POST", "keys", {"name": "idem-b"}, headers=headers,
