@@ -549,12 +549,14 @@ class KeyStore:
         signature = self._file_signature()
         if signature == self._signature:
             return
-        self._signature = signature
         try:
             self._keys = self._read_file()
         except (ConfigError, OSError) as exc:
             # Keep serving with the last good keys rather than failing every request.
             log.error("%s; keeping the %d keys read before", exc, len(self._keys))
+        # Only now: readers that see the new signature without the lock must
+        # also see the keys read for it (else a burst at start gets 401s).
+        self._signature = signature
 
     def authenticate(self, secret):
         """The key record whose secret this is, or None; constant-time per key."""
@@ -5164,9 +5166,12 @@ class AccessLog:
         self._thread.start()
 
     def write(self, fmt, *args):
-        self._queue.append((fmt, args))
         if len(self._queue) > ACCESS_LOG_MAX_QUEUE:
-            self.flush()  # the writer is falling behind: help it, bounding memory
+            # The writer is behind: this line is written here, bounding memory.
+            # Only this one: draining the queue here held one request for seconds.
+            log.info(fmt, *args)
+        else:
+            self._queue.append((fmt, args))
 
     def _run(self):
         while True:
