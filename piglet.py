@@ -5179,9 +5179,24 @@ class AccessLog:
             self.flush()
 
     def flush(self):
+        """Everything queued, in one write per log handler: a write per line
+        would pass the GIL back and forth once per line."""
+        records = []
         while self._queue:
             fmt, args = self._queue.popleft()
-            log.info(fmt, *args)
+            records.append(log.makeRecord(log.name, logging.INFO, __file__, 0, fmt, args,
+                                          None))
+        if not records or not log.isEnabledFor(logging.INFO):
+            return
+        for handler in logging.getLogger().handlers:
+            if not isinstance(handler, logging.StreamHandler):
+                for record in records:
+                    handler.handle(record)
+                continue
+            text = "".join(handler.format(record) + "\n" for record in records)
+            with handler.lock:
+                handler.stream.write(text)
+                handler.flush()
 
 
 ACCESS_LOG = AccessLog()
