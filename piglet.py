@@ -72,6 +72,7 @@ import hmac
 import http.client
 import http.server
 import ipaddress
+import itertools
 import json
 import logging
 import math
@@ -5253,8 +5254,21 @@ class Deadlines:
                         socket.socket.shutdown(sock, socket.SHUT_RDWR)
 
 
+# Request ids: unique, not secret.  A counter after a random per-process
+# prefix costs no system call per request, unlike reading random bytes.
+_REQUEST_ID_PREFIX = secrets.token_hex(3)
+_request_counter = itertools.count()
+
+
+def new_request_id():
+    return f"{_REQUEST_ID_PREFIX}{next(_request_counter) & 0xFFFFFFFFFF:010x}"
+
+
 class RequestHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Set once per connection by setup(): a settimeout() per request costs two
+    # fcntl calls, each handing the GIL to another thread.
+    timeout = KEEPALIVE_IDLE_SECONDS
     server_version = "piglet/" + VERSION
     sys_version = ""
     disable_nagle_algorithm = True
@@ -5273,7 +5287,6 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         # The whole request line must come within the idle time: a per-recv
         # timeout alone would let a byte every few seconds hold the connection.
         deadlines.arm(sock, KEEPALIVE_IDLE_SECONDS)
-        sock.settimeout(KEEPALIVE_IDLE_SECONDS)
         try:
             self.raw_requestline = self.read_request_line()
             if not self.raw_requestline:
@@ -5332,7 +5345,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
 
     def _reset_request_state(self):
         self.started = time.monotonic()
-        self.request_id = secrets.token_hex(8)
+        self.request_id = new_request_id()
         self.key_name = "-"
         self.route = None
         self.body_pending = False
