@@ -217,25 +217,25 @@ class Server:
                 conn.close()
 
 
+def destroyed_after(thing):
+    """Fixture body: hand `thing` to the tests, destroy it after them."""
+    yield thing
+    thing.destroy()
+
+
 @pytest.fixture(scope="session")
 def cluster():
-    cluster = Cluster()
-    yield cluster
-    cluster.destroy()
+    yield from destroyed_after(Cluster())
 
 
 @pytest.fixture(scope="session")
 def server(cluster):
-    server = Server(cluster)
-    yield server
-    server.destroy()
+    yield from destroyed_after(Server(cluster))
 
 
 @pytest.fixture
 def fresh_cluster():
-    cluster = Cluster()
-    yield cluster
-    cluster.destroy()
+    yield from destroyed_after(Cluster())
 
 
 @pytest.fixture
@@ -979,16 +979,12 @@ class ScramCluster(Cluster):
 
 @pytest.fixture(scope="session")
 def scram_cluster():
-    cluster = ScramCluster()
-    yield cluster
-    cluster.destroy()
+    yield from destroyed_after(ScramCluster())
 
 
 @pytest.fixture(scope="session")
 def scram_server(scram_cluster):
-    server = Server(scram_cluster)
-    yield server
-    server.destroy()
+    yield from destroyed_after(Server(scram_cluster))
 
 
 def test_database_create_with_owner_twice_201_then_409(server, cluster):
@@ -2245,9 +2241,7 @@ def test_openapi_job_route_documents_202_job():
 @pytest.fixture
 def fuzz_cluster():
     """Throwaway, with pgBackRest set up: a 503 for a missing dependency is a 5xx too."""
-    cluster = backup_cluster()
-    yield cluster
-    cluster.destroy()
+    yield from destroyed_after(backup_cluster())
 
 
 def test_schemathesis_fuzz_no_5xx_and_replies_match_document(fuzz_cluster, make_server,
@@ -2693,9 +2687,7 @@ def test_listen_without_tls_warning(listen, tls, warned):
 @pytest.fixture(scope="session")
 def snap_cluster():
     """A cluster of their own: snapshot restores drop and recreate every database."""
-    cluster = Cluster()
-    yield cluster
-    cluster.destroy()
+    yield from destroyed_after(Cluster())
 
 
 class SnapEnv:
@@ -3107,16 +3099,12 @@ def backup_server(make, cluster):
 
 @pytest.fixture(scope="session")
 def br_cluster():
-    cluster = backup_cluster()
-    yield cluster
-    cluster.destroy()
+    yield from destroyed_after(backup_cluster())
 
 
 @pytest.fixture(scope="session")
 def br_server(br_cluster):
-    server = backup_server(Server, br_cluster)
-    yield server
-    server.destroy()
+    yield from destroyed_after(backup_server(Server, br_cluster))
 
 
 @pytest.fixture
