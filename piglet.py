@@ -112,6 +112,7 @@ HEADER_DEADLINE_SECONDS = 10   # request line + headers must arrive within this
 BODY_DEADLINE_SECONDS = 30     # the body must arrive within this
 WORK_SLOT_WAIT_SECONDS = 10    # a request waits this long for a free worker slot
 SHUTDOWN_GRACE_SECONDS = 10    # SIGTERM waits this long for in-flight requests
+PG_INT_MAX = 2147483647        # PostgreSQL's int4, e.g. a connection limit
 MAX_LINE_BYTES = 65536         # longest request line or header line
 MAX_HEADER_BYTES = 65536       # all header lines of one request together
 LISTEN_BACKLOG = 128           # the stdlib's 5 causes SYN retransmits under load
@@ -280,6 +281,13 @@ def redact_dsn(dsn):
     return psycopg.conninfo.make_conninfo(**params)
 
 
+def mask_secrets(text):
+    """Tool output as it may be kept: quoted passwords and SCRAM verifiers
+    masked (a failing pg_restore echoes the statement it ran)."""
+    return re.sub(r"(?i)(PASSWORD\s+)'(?:[^']|'')*'", r"\1'***'",
+                  re.sub(r"SCRAM-SHA-256\$\S+", "***", text))
+
+
 class TtlCache:
     """One value recomputed at most every `ttl` seconds, by one caller at a time.
 
@@ -293,24 +301,31 @@ class TtlCache:
     def __init__(self, ttl, compute):
         self.ttl, self.compute = ttl, compute
         self._refresh = threading.Lock()
-        self._value, self._stamp = self._EMPTY, -math.inf
+        # One attribute, read once per call: value and stamp never disagree.
+        self._entry = (self._EMPTY, -math.inf)
 
     def get(self):
-        if time.monotonic() - self._stamp < self.ttl:
-            return self._value
-        if self._refresh.acquire(blocking=self._value is self._EMPTY):
-            try:
-                if time.monotonic() - self._stamp >= self.ttl:
-                    value = self.compute()
-                    self._value, self._stamp = value, time.monotonic()
-            finally:
-                self._refresh.release()
-        return self._value
+        value, stamp = self._entry
+        if time.monotonic() - stamp < self.ttl:
+            return value
+        if value is not self._EMPTY and not self._refresh.acquire(blocking=False):
+            return value  # another caller is refreshing it
+        if value is self._EMPTY:
+            self._refresh.acquire()
+        try:
+            value, stamp = self._entry
+            if time.monotonic() - stamp >= self.ttl:
+                value = self.compute()
+                self._entry = (value, time.monotonic())
+            return value
+        finally:
+            self._refresh.release()
 
     def invalidate(self):
-        """Forget the value: the next reader waits for a fresh one."""
+        """Forget the value (after any refresh under way): the next reader
+        waits for a fresh one."""
         with self._refresh:
-            self._value, self._stamp = self._EMPTY, -math.inf
+            self._entry = (self._EMPTY, -math.inf)
 
 
 def run_command(argv, user=None, timeout=SUBPROCESS_TIMEOUT, env=None):
@@ -507,7 +522,7 @@ def hash_secret(secret):
 
 
 class KeyStore:
-    """The keys file: a JSON list of {name, scope, hash, created_at, last_used_at}.
+    """The keys file: {"keys": [{name, scope, hash, created_at, last_used_at}]}.
 
     Every read checks the file's identity (inode, size, mtime) and reloads
     it when it changed, so `piglet.py key ...` takes effect in a running
@@ -999,12 +1014,13 @@ class Services:
         entry = self.entry(name)
         return self.all(strict="unit" in entry)[name]
 
-    def act(self, name, action):
+    def act(self, name, action, wait=False):
         """Run start/stop/restart and return the settled service object."""
         entry = self.entry(name)
-        # A second action meanwhile is refused rather than queued: queued
+        # A second request meanwhile is refused rather than queued: queued
         # actions of up to SERVICE_ACTION_TIMEOUT each would hold every worker.
-        if not self._action_lock.acquire(blocking=False):
+        # Jobs (`wait`) queue instead: a restore must not fail for a restart.
+        if not self._action_lock.acquire(timeout=SERVICE_ACTION_TIMEOUT if wait else 0):
             raise Conflict("Another service action is running; retry when it ends",
                            {"service": name})
         try:
@@ -1081,10 +1097,11 @@ class Job:
         return self.data["id"]
 
     def log(self, line):
-        """Keep a line of tool output (the caller masks any secret)."""
+        """Keep a line of tool output, passwords masked."""
+        line = mask_secrets(line.rstrip())[:500]
         with self.manager.lock:
             tail = self.data["log_tail"]
-            tail.append(line.rstrip()[:500])
+            tail.append(line)
             del tail[:-LOG_TAIL_LINES]
 
     def set_progress(self, percent):
@@ -1150,10 +1167,10 @@ class JobManager:
                 raise Conflict(f"Another operation is running: job {running.id}",
                                {"job": running.id, "kind": running.data["kind"]})
             job = Job(self, self._new_id(kind), kind, request)
+            self._save(job)  # first: a failed write must leave no job claiming the cluster
             self.jobs[job.id] = job
             if exclusive:
                 self.exclusive = job
-            self._save(job)
         log.info("job %s %s: queued", job.id, kind)
         if self.listener:
             self.listener("queued", job.snapshot())
@@ -1162,11 +1179,11 @@ class JobManager:
         return job
 
     def _run(self, job, work, exclusive):
-        with self.lock:
-            job.data.update(state="running", started_at=utc_iso(time.time()))
-            self._save(job)
-        log.info("job %s: running", job.id)
         try:
+            with self.lock:
+                job.data.update(state="running", started_at=utc_iso(time.time()))
+                self._save(job)
+            log.info("job %s: running", job.id)
             result = work(job)
         except ApiError as exc:
             self._finish(job, "failed", error=exc.body()["error"])
@@ -1731,8 +1748,9 @@ def role_options(body):
         options.append(sql.SQL("CREATEDB" if body["createdb"] else "NOCREATEDB"))
     if "connection_limit" in body:
         limit = body["connection_limit"]
-        if limit is not None and limit < -1:
-            raise BadRequest("connection_limit must be -1 (none), null (none) or at least 0",
+        if limit is not None and not -1 <= limit <= PG_INT_MAX:
+            raise BadRequest("connection_limit must be -1 (none), null (none) or 0 to "
+                             f"{PG_INT_MAX}",
                              {"field": "connection_limit"})
         options.append(sql.SQL("CONNECTION LIMIT {}").format(
             sql.Literal(-1 if limit is None else limit)))
@@ -2036,7 +2054,7 @@ class JobFailed(ApiError):
     """A job's own failure; `code` names what failed (e.g. BACKUP_FAILED)."""
 
     def __init__(self, code, message, details=None):
-        super().__init__(message, details)
+        super().__init__(mask_secrets(message), details)
         self.code = code
 
 
@@ -2250,8 +2268,12 @@ class PgBackRest:
         if result.returncode != 0:
             raise Unavailable("pgbackrest info failed: " + tool_error(
                 (result.stderr + result.stdout).splitlines()), "pgbackrest")
-        stanzas = json.loads(result.stdout or "[]")
-        return next((s for s in stanzas if s.get("name") == self.stanza), {})
+        try:
+            stanzas = json.loads(result.stdout or "[]")
+            return next((s for s in stanzas if s.get("name") == self.stanza), {})
+        except (ValueError, AttributeError, TypeError):
+            raise Unavailable("pgbackrest info gave output Piglet cannot read",
+                              "pgbackrest") from None
 
     def backups(self):
         return [b for b in self.info().get("backup", []) if b.get("label")]
@@ -2398,8 +2420,10 @@ def check_target_time(app, backup, backups, target):
 
 def utc_iso_fraction(epoch):
     text = utc_iso(int(epoch))
-    fraction = epoch - int(epoch)
-    return text if fraction < 1e-6 else text[:-1] + f"{fraction:.6f}"[1:].rstrip("0") + "Z"
+    micros = round((epoch - int(epoch)) * 1e6)
+    if micros in (0, 1000000):  # 0.9999997 s rounds up to the next second
+        return utc_iso(round(epoch))
+    return text[:-1] + f".{micros:06d}".rstrip("0") + "Z"
 
 
 # -- logical backups -----------------------------------------------------------
@@ -2633,7 +2657,7 @@ def postgres_gone(app):
 def postgres_act(app, job, action):
     job.log(f"piglet: {action} PostgreSQL")
     try:
-        app.services.act(app.config["postgres"]["service"], action)
+        app.services.act(app.config["postgres"]["service"], action, wait=True)
     finally:
         app.db.close()            # pooled sessions died with the server
         app.db.health.invalidate()
@@ -2946,7 +2970,12 @@ def submit_logical_restore(app, req, manifest, safety):
         raise BadRequest("target_time applies to physical backups only",
                          {"field": "target_time"})
     dumped = [d["name"] for d in manifest["databases"]]
-    names = body.get("databases") or dumped
+    names = body.get("databases")
+    if names is None:
+        names = dumped
+    elif not names:
+        raise BadRequest("databases, when given, must name at least one database",
+                         {"field": "databases", "allowed": dumped})
     unknown = [n for n in names if n not in dumped]
     if unknown:
         raise BadRequest("These databases are not in the backup: " + ", ".join(unknown),
@@ -3562,11 +3591,6 @@ def restore_files(app, job, path, pre_path):
 # -- databases: logical dumps -------------------------------------------------
 
 
-def mask_secrets(text):
-    return re.sub(r"(?i)(PASSWORD\s+)'(?:[^']|'')*'", r"\1'***'",
-                  re.sub(r"SCRAM-SHA-256\$\S+", "***", text))
-
-
 def pg_tool(app, name):
     """The tool of the server's major version where Debian keeps it, else PATH's."""
     with app.db.connection() as conn:
@@ -3964,7 +3988,7 @@ def stop_services(app, job):
         if app.services.get(name)["status"] == "stopped":
             continue
         try:
-            app.services.act(name, "stop")
+            app.services.act(name, "stop", wait=True)
         except ApiError:
             start_services(app, job, stopped)
             raise
@@ -3978,7 +4002,7 @@ def start_services(app, job, names):
     failed = {}
     for name in names:
         try:
-            app.services.act(name, "start")
+            app.services.act(name, "start", wait=True)
             job.log(f"service {name} started")
         except ApiError as exc:
             failed[name] = exc.message
@@ -4115,7 +4139,7 @@ def delete_snapshot(app, req):
             os.rename(path, trash)
         except FileNotFoundError:   # another DELETE was quicker
             raise NotFound("Snapshot not found", {"snapshot": name}) from None
-    shutil.rmtree(trash)
+    shutil.rmtree(trash, ignore_errors=True)  # a starting job may clean it up too
     return Reply(HTTPStatus.NO_CONTENT)
 
 
@@ -4434,7 +4458,7 @@ def request_families(metrics):
 def last_backup_time(jobs):
     """When the newest successful backup job ended (epoch seconds), else 0."""
     times = [parse_rfc3339(j["finished_at"]) for j in jobs
-             if j["kind"].startswith("backup") and j["state"] == "succeeded"]
+             if j["kind"] in ("backup", "logical-backup") and j["state"] == "succeeded"]
     return max(times, default=0)
 
 
@@ -4593,7 +4617,7 @@ def audit_query(req):
                          {"field": "since"}) from None
     if limit is None:
         return since, AUDIT_DEFAULT_LIMIT
-    if not limit.isdigit() or not 1 <= int(limit) <= AUDIT_MAX_LIMIT:
+    if not (limit.isascii() and limit.isdigit()) or not 1 <= int(limit) <= AUDIT_MAX_LIMIT:
         raise BadRequest(f"'limit' must be an integer from 1 to {AUDIT_MAX_LIMIT}",
                          {"field": "limit"})
     return since, int(limit)
@@ -4683,9 +4707,13 @@ class IdempotencyStore:
 
 
 def request_fingerprint(route, req):
-    """Same route, same path parameters, same body (key order aside)."""
+    """Same route, same path parameters, same body (key order aside).
+
+    An HMAC keyed by the API key's stored hash, not a bare hash: a body may
+    hold a password, and a plain digest on disk could be brute-forced.
+    """
     text = json.dumps([route.method, route.pattern, req.params, req.body], sort_keys=True)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return hmac.new(req.key["hash"].encode(), text.encode("utf-8"), hashlib.sha256).hexdigest()
 
 
 def run_handler(app, route, req):
@@ -4933,6 +4961,7 @@ def revoke_key(app, req):
 
 
 def list_jobs(app, req):
+    """200: every job kept on disk, newest first."""
     return {"jobs": app.jobs.list()}
 
 

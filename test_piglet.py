@@ -860,6 +860,13 @@ def test_human_size(size, text):
     assert piglet.human_size(size) == text
 
 
+def test_job_log_and_failure_mask_passwords():
+    line = "Command was: CREATE USER MAPPING FOR x SERVER s OPTIONS (password 'hunter2')"
+    assert "hunter2" not in piglet.mask_secrets(line)
+    assert "hunter2" not in piglet.JobFailed("RESTORE_FAILED", line).message
+    assert "***" in piglet.mask_secrets("PASSWORD 'SCRAM-SHA-256$4096:abc$def:ghi'")
+
+
 def test_rate_limiter_bounds():
     limiter = piglet.RateLimiter(per_minute=60, burst=3)
     results = [limiter.take("k")[0] for _ in range(5)]
@@ -1386,6 +1393,14 @@ def test_user_patch_replaces_databases_and_attributes(server, cluster):
         sql_exec(cluster, "DROP ROLE patch_group")
         drop_database(server, "patch_a")
         drop_database(server, "patch_b")
+
+
+def test_user_connection_limit_out_of_range_400_no_role(server, cluster):
+    status, _, data = server.request("POST", "users", {
+        "username": "limit_user", "password": "long-enough-1", "connection_limit": 2 ** 31})
+    assert_error(status, data, 400, "BAD_REQUEST")
+    assert data["error"]["details"]["field"] == "connection_limit"
+    assert not role_exists(cluster, "limit_user")
 
 
 def test_user_delete_protected_403(server, cluster):
@@ -2414,6 +2429,7 @@ def test_audit_newest_first_limit_since(server):
 
 @pytest.mark.parametrize("query,field", [
     ("limit=0", "limit"), ("limit=1001", "limit"), ("limit=x", "limit"),
+    ("limit=%C2%B2", "limit"),
     ("since=yesterday", "since"), ("since=2024-05-01T12:00:00", "since"),
 ])
 def test_audit_bad_query_400(server, query, field):
