@@ -2043,7 +2043,6 @@ RFC3339_RE = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?"
 WAL_NAME_RE = re.compile(r"^[0-9A-F]{24}$")
 PARTIAL_PREFIX = ".partial-"
 RESTORE_DB_PREFIX = "piglet_restore_"
-PHYSICAL_TYPES = ("full", "diff", "incr")
 # Roles a schema-only script names: owners and grantees.
 ROLE_REF_RE = re.compile(r'(?:OWNER TO|GRANT .* TO|REVOKE .* FROM) (.+?)(?: WITH .*|'
                          r' GRANTED BY .*)?;$')
@@ -3059,7 +3058,6 @@ BACKUP_ROUTES = [
 # the previous snapshot's copy, never to the live file: stored files are
 # immutable, and restores copy out of them.
 
-SNAPSHOT_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 SNAPSHOT_JOB_KINDS = ("snapshot", "snapshot-restore")
 DESCRIPTION_MAX_CHARS = 1000
 PG_TOOL_TIMEOUT = 6 * 3600      # one pg_dump, pg_restore or psql run
@@ -3074,10 +3072,8 @@ WORKSPACE_STATE = ".workspace.json"   # which snapshot the workspace was restore
 
 
 def check_snapshot_name(name):
-    """Before any path is built: 1-63 of [A-Za-z0-9._-], a letter or digit first."""
-    if not isinstance(name, str) or not SNAPSHOT_NAME_RE.fullmatch(name):
-        raise BadRequest("Invalid snapshot name: 1 to 63 characters of A-Z a-z 0-9 . _ -, "
-                         "starting with a letter or digit", {"field": "name"})
+    """Before any path is built: the same rule as every file-backed name."""
+    check_object_name(name, "snapshot")
 
 
 def snapshots_root(app, create=False):
@@ -3121,7 +3117,7 @@ def all_summaries(app):
     """Every complete snapshot's summary, newest first."""
     root = snapshots_root(app)
     try:
-        names = [n for n in os.listdir(root) if SNAPSHOT_NAME_RE.fullmatch(n)]
+        names = [n for n in os.listdir(root) if OBJECT_NAME_RE.fullmatch(n)]
     except FileNotFoundError:
         return []
     found = []
