@@ -5544,8 +5544,10 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         lines = [f"HTTP/1.1 {reply.status.value} {reply.status.phrase}"]
         lines += [f"{name}: {value}" for name, value in headers.items()]
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace")
-        self.wfile.write(head if self.command == "HEAD" else head + body)
+        # Logged and counted first: a client that reads /metrics right after
+        # this reply must find this request in it.
         self.log_access(reply)
+        self.wfile.write(head if self.command == "HEAD" else head + body)
 
     def send_error(self, code, message=None, explain=None):
         """The stdlib's own errors (bad request line, long headers) as JSON."""
