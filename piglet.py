@@ -252,11 +252,16 @@ def atomic_write(path, data, mode=0o600):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    dir_fd = os.open(directory, os.O_RDONLY)
+    fsync_dir(directory)
+
+
+def fsync_dir(path):
+    """Make a rename or a new entry in `path` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        os.fsync(dir_fd)
+        os.fsync(fd)
     finally:
-        os.close(dir_fd)
+        os.close(fd)
 
 
 def atomic_write_json(path, obj, mode=0o600):
@@ -1113,6 +1118,12 @@ class Job:
             return copy.deepcopy(self.data)
 
 
+def busy_conflict(running):
+    """The 409 for a request that must wait for job `running`."""
+    return Conflict(f"Another operation is running: job {running.id}",
+                    {"job": running.id, "kind": running.data["kind"]})
+
+
 class JobManager:
     """Runs jobs one thread each; cluster-wide jobs one at a time."""
 
@@ -1164,8 +1175,7 @@ class JobManager:
                 (j for j in self.jobs.values() if j.data["kind"] in conflicts
                  and j.data["state"] in ("queued", "running")), None)
             if running is not None:
-                raise Conflict(f"Another operation is running: job {running.id}",
-                               {"job": running.id, "kind": running.data["kind"]})
+                raise busy_conflict(running)
             job = Job(self, self._new_id(kind), kind, request)
             self._save(job)  # first: a failed write must leave no job claiming the cluster
             self.jobs[job.id] = job
@@ -1209,6 +1219,12 @@ class JobManager:
                  f" ({error['code']}: {error['message']})" if error else "")
         if self.listener:
             self.listener("finished", job.snapshot())
+
+    def refuse_if_busy(self):
+        """409 now, before slow checks, when a cluster-wide job runs."""
+        running = self.running_exclusive()
+        if running is not None:
+            raise busy_conflict(running)
 
     def running_exclusive(self):
         with self.lock:
@@ -2059,7 +2075,6 @@ class JobFailed(ApiError):
 
 def tool_user(app):
     """The cluster's OS user, never root (files in the repository stay its own)."""
-    import pwd
     user = app.config["postgres"]["os_user"]
     try:
         if pwd.getpwnam(user).pw_uid == 0:
@@ -2946,10 +2961,7 @@ def restore_backup(app, req):
     if "databases" in body:
         raise BadRequest("databases applies to logical backups only; a physical "
                          "restore replaces the whole cluster", {"field": "databases"})
-    running = app.jobs.running_exclusive()
-    if running is not None:
-        raise Conflict(f"Another operation is running: job {running.id}",
-                       {"job": running.id, "kind": running.data["kind"]})
+    app.jobs.refuse_if_busy()
     target = None
     if body.get("target_time") is not None:
         target = parse_target_time(body["target_time"])
@@ -3011,10 +3023,7 @@ def delete_backup(app, req):
     if dependents:
         raise Conflict("Other backups depend on this one; delete them first",
                        {"backup": backup_id, "dependents": dependents})
-    running = app.jobs.running_exclusive()
-    if running is not None:
-        raise Conflict(f"Another operation is running: job {running.id}",
-                       {"job": running.id})
+    app.jobs.refuse_if_busy()
     result = pgbr.run_short("expire", f"--set={backup_id}", "--log-level-console=info")
     if result.returncode != 0:
         message = tool_error((result.stdout + result.stderr).splitlines())
@@ -3926,14 +3935,6 @@ def build_snapshot(app, job, name, description, paths, missing_ok=False):
     job.log(f"snapshot {name}: {summary['files']} files, "
             f"{human_size(summary['added_bytes'])} new on disk")
     return summary
-
-
-def fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def snapshot_files(app, job, tmp, paths, missing_ok):
